@@ -1,0 +1,1 @@
+"""absl entry points: rvs-train, rvs-evaluate, rvs-export."""
