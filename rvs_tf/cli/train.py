@@ -1,0 +1,302 @@
+"""rvs-train: train a robust classifier, keep the best checkpoint, export it, report its robustness.
+
+  rvs-train --flagfile=flags/fashion_mnist.cfg
+
+Rerunning the same command after an interruption resumes from the last finished epoch in --workdir.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from rvs_tf.cli.flag_types import DEFINE_fraction
+
+FLAGS = flags.FLAGS
+
+# Data.
+flags.DEFINE_string("dataset", "fashion_mnist_idx", "Dataset: a TFDS name (cifar10, cifar100, svhn_cropped, "
+                    "mnist, fashion_mnist) or fashion_mnist_idx (local IDX files, offline).")
+flags.DEFINE_string("data_dir", None, "TFDS data directory (TFDS default when unset).")
+flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "Folder of the IDX .gz files.")
+flags.DEFINE_integer("validation_size", 5000, "Training examples held out for validation.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=2)
+flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
+flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass over the data).",
+                     lower_bound=1)
+flags.DEFINE_integer("validation_examples", 2000, "Validation examples evaluated each epoch.",
+                     lower_bound=1)
+# Models.
+flags.DEFINE_enum("arch", "small_cnn", ["small_cnn", "preact_resnet18", "wide_resnet"], "Classifier.")
+flags.DEFINE_integer("wrn_depth", 34, "WideResNet depth (6n+4).", lower_bound=10)
+flags.DEFINE_integer("wrn_width", 10, "WideResNet widening factor.", lower_bound=1)
+flags.DEFINE_integer("noise_dim", None, "Generator noise size (default: the classifier's feature width, "
+                     "as the authors).", lower_bound=1)
+# RVS.
+DEFINE_fraction("eps", 0.1, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
+                lower=0.0, upper=1.0)
+flags.DEFINE_enum("bound", "clip", ["clip", "tanh"], "How G(z) is bounded by eps.")
+flags.DEFINE_bool("random_start", True, "Uniform random start before adding G(z).")
+flags.DEFINE_float("label_smoothing", 0.5, "Mass moved from the true class to the others.",
+                   lower_bound=0.0, upper_bound=0.99)
+flags.DEFINE_float("ot_weight", 1.0, "Weight of the OT term in the classifier loss.", lower_bound=0.0)
+flags.DEFINE_enum("ot_on", "features", ["features", "logits"], "What the OT term compares.")
+flags.DEFINE_float("ot_epsilon", 0.01, "Entropic regularisation of the OT term.", lower_bound=1e-6)
+flags.DEFINE_string("ot_cost_scale", "none", "How --ot_epsilon is read: 'none' (absolute), 'mean' or "
+                    "'max' (relative to that statistic of the cost matrix), or a number.")
+flags.DEFINE_integer("ot_max_iters", 100, "Sinkhorn iteration cap.", lower_bound=1)
+flags.DEFINE_enum("ot_gradient", "implicit", ["implicit", "unrolled"], "Sinkhorn gradient mode.")
+flags.DEFINE_bool("ot_debiased", False, "Use the debiased Sinkhorn divergence.")
+flags.DEFINE_float("clean_ce_weight", 0.0, "Weight of a clean cross-entropy term.", lower_bound=0.0)
+flags.DEFINE_integer("eps_warmup_epochs", 0, "Epochs over which eps ramps up from 0.", lower_bound=0)
+# Optimisation.
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Classifier optimizer.")
+flags.DEFINE_float("lr", 0.1, "Classifier learning rate.", lower_bound=0.0)
+flags.DEFINE_list("lr_drop_epochs", [], "Epochs at which the classifier lr is multiplied by "
+                  "--lr_drop_factor.")
+flags.DEFINE_float("lr_drop_factor", 0.1, "Learning-rate drop factor.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (both players).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("weight_decay", 2e-4, "L2 on the classifier's kernels: wd * sum ||W||^2 / 2.",
+                   lower_bound=0.0)
+flags.DEFINE_enum("generator_optimizer", "sgd", ["sgd", "adam"], "Generator optimizer.")
+flags.DEFINE_float("generator_lr", 0.01, "Generator learning rate (constant).", lower_bound=0.0)
+# Evaluation, checkpoints, export.
+flags.DEFINE_integer("eval_pgd_steps", 10, "PGD steps of the per-epoch validation attack.", lower_bound=1)
+flags.DEFINE_integer("eval_examples", 1000, "Test examples attacked by the final report.", lower_bound=1)
+flags.DEFINE_string("eval_attacks", "quick", "Attack preset of the final report (see rvs-evaluate).")
+flags.DEFINE_string("name", None, "Run name: names the workdir and the export (default: "
+                    "<dataset>_rvs).")
+flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs (default: runs/<name>).")
+flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving exports.")
+flags.DEFINE_bool("export", True, "Export the best classifier when training ends.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (measured slower on CPU).")
+
+# Flags that define a run: resuming with different values would mix two experiments.
+RUN_FLAGS = ("dataset", "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim",
+             "eps", "bound", "random_start", "label_smoothing", "ot_weight", "ot_on", "ot_epsilon",
+             "ot_cost_scale", "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight",
+             "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor", "momentum", "weight_decay",
+             "generator_optimizer", "generator_lr", "seed", "steps_per_epoch", "eps_warmup_epochs")
+
+
+def parse_cost_scale(value):
+    text = str(value).strip().lower()
+    if text in ("none", ""):
+        return None
+    if text in ("mean", "max", "median"):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if number <= 0:
+        raise ValueError("--ot_cost_scale: expected none, mean, max, median or a positive number, "
+                         f"got {value!r}")
+    return number
+
+
+def _drop_epochs(values):
+    try:
+        epochs = sorted(int(v) for v in values)
+    except ValueError:
+        raise ValueError(f"--lr_drop_epochs: expected a comma-separated list of epochs, got {values}") \
+            from None
+    if any(e < 1 for e in epochs):
+        raise ValueError(f"--lr_drop_epochs: epochs must be >= 1, got {values}")
+    return epochs
+
+
+flags.register_validator("dataset", lambda v: v in _dataset_names(),
+                         message="--dataset: expected one of " + ", ".join(
+                             ("cifar10", "cifar100", "svhn_cropped", "mnist", "fashion_mnist",
+                              "fashion_mnist_idx")))
+flags.register_validator("ot_cost_scale", lambda v: _valid(parse_cost_scale, v),
+                         message="--ot_cost_scale: expected none, mean, max, median or a positive number")
+flags.register_validator("lr_drop_epochs", lambda v: _valid(_drop_epochs, v),
+                         message="--lr_drop_epochs: expected a comma-separated list of epochs >= 1")
+flags.register_validator("eps", lambda v: v > 0, message="--eps: expected 0 < eps <= 1 (images in [0, 1])")
+flags.register_validator("name", lambda v: v is None or (v and "/" not in v and not v.startswith(".")),
+                         message="--name: expected a plain name without '/'")
+
+
+def _dataset_names():
+    from rvs_tf import data
+    return data.TFDS_DATASETS + data.LOCAL_DATASETS
+
+
+def _valid(parse, value):
+    try:
+        parse(value)
+        return True
+    except ValueError:
+        return False
+
+
+def run_config():
+    return {name: FLAGS[name].value for name in RUN_FLAGS}
+
+
+def build_model(info, steps_per_epoch):
+    """The classifier, the generator and the compiled RVSModel, from flags."""
+    import keras
+
+    from rvs_tf import models
+    from rvs_tf.training import RVSModel
+
+    kwargs = {"depth": FLAGS.wrn_depth, "width": FLAGS.wrn_width} if FLAGS.arch == "wide_resnet" else {}
+    classifier = models.build_classifier(FLAGS.arch, info.image_shape, info.num_classes, **kwargs)
+    feature_width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
+    generator = models.make_generator(FLAGS.noise_dim or feature_width, info.image_shape)
+    model = RVSModel(
+        classifier, generator, eps=FLAGS.eps, bound=FLAGS.bound, random_start=FLAGS.random_start,
+        label_smoothing=FLAGS.label_smoothing, ot_weight=FLAGS.ot_weight, ot_on=FLAGS.ot_on,
+        ot_epsilon=FLAGS.ot_epsilon, ot_cost_scale=parse_cost_scale(FLAGS.ot_cost_scale),
+        ot_max_iters=FLAGS.ot_max_iters, ot_gradient=FLAGS.ot_gradient, ot_debiased=FLAGS.ot_debiased,
+        clean_ce_weight=FLAGS.clean_ce_weight, weight_decay=FLAGS.weight_decay,
+        eps_warmup_steps=FLAGS.eps_warmup_epochs * steps_per_epoch, eval_pgd_steps=FLAGS.eval_pgd_steps,
+        seed=FLAGS.seed)
+
+    boundaries = [e * steps_per_epoch for e in _drop_epochs(FLAGS.lr_drop_epochs)]
+    lr = FLAGS.lr
+    if boundaries:
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries, [FLAGS.lr * FLAGS.lr_drop_factor ** i for i in range(len(boundaries) + 1)])
+
+    def make(kind, rate):
+        if kind == "adam":
+            return keras.optimizers.Adam(rate)
+        return keras.optimizers.SGD(rate, momentum=FLAGS.momentum)
+
+    model.compile(classifier_optimizer=make(FLAGS.optimizer, lr),
+                  generator_optimizer=make(FLAGS.generator_optimizer, FLAGS.generator_lr),
+                  jit_compile=FLAGS.jit_compile)
+    return model
+
+
+class ImageSummaries:
+    """TensorBoard images of x, delta (mapped to [0, 1]) and x_adv on a fixed batch, each epoch."""
+
+    def __new__(cls, log_dir, images, max_outputs=8):
+        import keras
+        import tensorflow as tf
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                eps = float(self.model.eps)
+                x_adv = self.model.synthesize(images, tf.constant(eps), stream=0)
+                delta = (x_adv - images) / (2 * eps) + 0.5
+                with writer.as_default(step=epoch + 1):
+                    tf.summary.image("x", images, max_outputs=max_outputs)
+                    tf.summary.image("delta", delta, max_outputs=max_outputs)
+                    tf.summary.image("x_adv", x_adv, max_outputs=max_outputs)
+                writer.flush()
+
+        writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
+        return _Callback()
+
+
+def _fail(message):
+    print(f"rvs-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    del argv
+    started = time.time()
+    import keras
+
+    from rvs_tf import data, export
+    from rvs_tf.checkpoints import RunCheckpoint, write_json_atomic
+
+    name = FLAGS.name or f"{FLAGS.dataset}_rvs"
+    workdir = FLAGS.workdir or os.path.join("runs", name)
+    try:
+        if FLAGS.export:
+            export.check_writable(FLAGS.export_dir)
+        os.makedirs(workdir, exist_ok=True)
+        config_path = os.path.join(workdir, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            changed = {k: (saved.get(k), v) for k, v in run_config().items()
+                       if json.loads(json.dumps(v)) != saved.get(k)}
+            if changed:
+                raise ValueError(
+                    f"--workdir: {workdir!r} holds a run with other settings "
+                    + ", ".join(f"--{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(changed.items()))
+                    + "; choose another --workdir or --name to start a new run")
+        write_json_atomic(config_path, run_config())
+        keras.utils.set_random_seed(FLAGS.seed)
+        train_ds, val_ds, test_ds, info = data.make_datasets(
+            FLAGS.dataset, batch_size=FLAGS.batch_size, validation_size=FLAGS.validation_size,
+            data_dir=FLAGS.data_dir, idx_dir=FLAGS.idx_dir, seed=FLAGS.seed)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        _fail(error)
+
+    steps_per_epoch = FLAGS.steps_per_epoch or info.num_train // FLAGS.batch_size
+    model = build_model(info, steps_per_epoch)
+    checkpoint = RunCheckpoint(os.path.join(workdir, "checkpoints"), monitor="val_pgd_accuracy")
+    initial_epoch = checkpoint.restore(model)
+    if initial_epoch:
+        logging.info("Resuming %s from epoch %d", workdir, initial_epoch)
+    val_batches = max(1, -(-FLAGS.validation_examples // FLAGS.batch_size))
+    val_subset = val_ds.take(val_batches).cache()
+    sample = next(iter(val_ds))[0][:8]
+    print(f"Training RVS on {info.name} ({info.num_train} train / {info.num_validation} validation), "
+          f"{FLAGS.arch}, eps={FLAGS.eps:.4g}; val_pgd_accuracy = PGD-{FLAGS.eval_pgd_steps} (CE, random "
+          f"start, 1 restart) on {min(FLAGS.validation_examples, info.num_validation)} validation images")
+    callbacks = [checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
+                 ImageSummaries(os.path.join(workdir, "logs"), sample)]
+    if initial_epoch < FLAGS.epochs:
+        model.fit(train_ds.repeat(), epochs=FLAGS.epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=steps_per_epoch, validation_data=val_subset, callbacks=callbacks,
+                  verbose=1 if sys.stdout.isatty() else 2)
+    best_epoch = checkpoint.load_best(model)
+    minutes = (time.time() - started) / 60
+    print(f"Training done in {minutes:.1f} min; best epoch by val_pgd_accuracy: {best_epoch}")
+
+    test_clean = _accuracy(model.classifier, test_ds)
+    metadata = {
+        "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
+        "class_names": list(info.class_names), "eps": FLAGS.eps, "method": "rvs", "arch": FLAGS.arch,
+        "flags": run_config(), "best_epoch": best_epoch, "train_minutes": round(minutes, 2),
+        "metrics": {"test_clean_accuracy": test_clean,
+                    **checkpoint.state.get("history", {}).get(str(best_epoch), {})},
+    }
+    print(f"Test clean accuracy: {test_clean:.4f} ({info.num_test} images)")
+    save_classifier(model.classifier, workdir, metadata)
+    if FLAGS.export:
+        try:
+            path = export.export_classifier(model.classifier, FLAGS.export_dir, name, metadata=metadata)
+        except (OSError, ValueError) as error:
+            _fail(error)
+        print(f"Exported to {path}")
+
+
+def save_classifier(classifier, workdir, metadata):
+    """The best classifier as a .keras file and its metadata, beside the checkpoints (what rvs-export
+    reads), each written to a temporary name first."""
+    from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE, write_json_atomic
+
+    temporary = os.path.join(workdir, ".tmp-" + CLASSIFIER_FILE)
+    classifier.save(temporary)
+    os.replace(temporary, os.path.join(workdir, CLASSIFIER_FILE))
+    write_json_atomic(os.path.join(workdir, METADATA_FILE), metadata)
+
+
+def _accuracy(classifier, dataset):
+    import keras
+    metric = keras.metrics.SparseCategoricalAccuracy()
+    for images, labels in dataset:
+        metric.update_state(labels, classifier(images, training=False))
+    return float(metric.result())
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

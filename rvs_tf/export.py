@@ -1,0 +1,119 @@
+"""SavedModel export for TF Serving: `<export_dir>/<name>/<version>/`, classifier only.
+
+Signature `serving_default`: input `images` float32 [batch, H, W, C] in [0, 1]; outputs `logits`,
+`probabilities` and `classes`. The version is written to a hidden temporary folder beside its final place
+and renamed into place in one step, so TF Serving (which polls the folder) and users never see a partial
+version, and a failed export leaves earlier versions untouched. Run metadata (dataset, class names, eps,
+flags, metrics) goes in `assets.extra/rvs_metadata.json`, the folder TF Serving reserves for extras.
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def versions(model_dir):
+    """Integer versions present under `model_dir`, ascending (what TF Serving would consider)."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(entry) for entry in os.listdir(model_dir)
+                  if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry)))
+
+
+def resolve_version_dir(path):
+    """`saved_models/<name>/<version>` as given, or the newest version under `saved_models/<name>`."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    found = versions(path)
+    if not found:
+        raise FileNotFoundError(f"--model: {path!r} is neither a SavedModel folder nor a folder of "
+                                "integer versions holding one")
+    return os.path.join(path, str(found[-1]))
+
+
+def check_writable(export_dir, flag="--export_dir"):
+    """Fail early, before any training, if exports could not be written under `export_dir`."""
+    try:
+        os.makedirs(export_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=export_dir, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{flag}: cannot write exports under {export_dir!r}: "
+                              f"{error.strerror or error}") from None
+
+
+def serving_function(classifier):
+    """The serving computation: float32 logits (even for a mixed-precision model), softmax, argmax."""
+
+    def serve(images):
+        logits = tf.cast(classifier(images, training=False), tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                "classes": tf.argmax(logits, axis=-1)}
+
+    return serve
+
+
+def export_classifier(classifier, export_dir, name, *, version=None, metadata=None):
+    """Write `classifier` as `<export_dir>/<name>/<version>/` and return that path.
+
+    `version` None takes the next free integer. An existing version is never overwritten.
+    """
+    if not isinstance(classifier, keras.Model):
+        raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
+    if not _NAME.match(name or ""):
+        raise ValueError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
+    model_dir = os.path.join(export_dir, name)
+    check_writable(model_dir)
+    if version is None:
+        version = (versions(model_dir) or [0])[-1] + 1
+    if int(version) < 1:
+        raise ValueError(f"version: expected a positive integer, got {version}")
+    final = os.path.join(model_dir, str(int(version)))
+    if os.path.exists(final):
+        raise FileExistsError(f"version: {final!r} exists already; exports are never overwritten")
+
+    image_shape = tuple(classifier.input_shape[1:])
+    staging = tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=model_dir)
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(classifier)
+        archive.add_endpoint(
+            "serving_default", serving_function(classifier),
+            input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
+        archive.write_out(staging, verbose=False)
+        os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
+        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:
+            json.dump(metadata or {}, handle, indent=2, sort_keys=True, default=str)
+        os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def read_metadata(version_dir):
+    path = os.path.join(version_dir, METADATA_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_serving_model(path):
+    """A callable images -> float32 logits from a SavedModel version (or the newest under a name)."""
+    loaded = tf.saved_model.load(resolve_version_dir(path))
+    signature = loaded.signatures["serving_default"]
+    return lambda images: signature(images=tf.cast(images, tf.float32))["logits"]
+
+
+if __name__ == "__main__":
+    from rvs_tf.cli import export as _cli
+
+    _cli.run()

@@ -1,0 +1,345 @@
+"""Robust training as Keras models: `RVSModel` (Robustness-via-Synthesis) and the shared base class.
+
+Every method is a `keras.Model` that wraps a user's classifier (images in [0, 1] -> logits), so `fit`,
+`evaluate`, `predict`, `save` and `keras.models.load_model` behave as Keras users expect, `call` returns the
+classifier's logits, and the datasets are plain `(images, labels)` pairs with integer labels.
+
+The RVS step (DESIGN.md section 1), per batch (x, y) with budget eps:
+  generator step:  x_adv = proj(clip01(x + U(-eps, eps)) + bound(G(z)))   z ~ N(0, I), G never sees x
+                   G <- G - lr_g * d(-OT(h(x), h(x_adv)))/dG                h = penultimate features
+  classifier step: fresh z, x_adv as above (no gradient into G)
+                   f <- f - lr * d(CE(f(x_adv), smooth(y)) + lambda * OT(h(x), h(x_adv)) + wd)/df
+"""
+import keras
+import tensorflow as tf
+
+from rvs_tf import attacks, sinkhorn
+from rvs_tf.models import FEATURES_LAYER
+
+BOUNDS = ("clip", "tanh")
+OT_TARGETS = ("features", "logits")
+
+
+def _check(condition, message):
+    if not condition:
+        raise ValueError(message)
+
+
+def smooth_labels(labels, num_classes, smoothing):
+    """One-hot targets where the true class keeps 1 - smoothing and the rest share `smoothing` equally.
+
+    This is the authors' convention (0.5 -> true class 0.5, others 0.5/9), not Keras's (which also gives
+    the true class its share of the uniform part).
+    """
+    one_hot = tf.one_hot(tf.cast(tf.reshape(labels, [-1]), tf.int32), num_classes, dtype=tf.float32)
+    if num_classes < 2 or smoothing == 0:
+        return one_hot
+    return one_hot * (1.0 - smoothing) + (1.0 - one_hot) * (smoothing / (num_classes - 1))
+
+
+def kernel_l2(variables):
+    """sum ||W||^2 / 2 over conv and dense kernels only (no biases, no BatchNorm), as the authors decay."""
+    kernels = [tf.cast(v, tf.float32) for v in variables if v.path.endswith("kernel")]
+    if not kernels:
+        return tf.constant(0.0)
+    return 0.5 * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
+
+
+def _replica_count():
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def _replica_id():
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return tf.constant(0, tf.int32)
+    return tf.cast(context.replica_id_in_sync_group, tf.int32)
+
+
+class RobustModel(keras.Model):
+    """Base of every training method: a classifier, an eps budget, validation under PGD, saving.
+
+    Subclasses implement `train_step` and list their extra trackers. `test_step` reports clean accuracy
+    and accuracy under a short PGD (`eval_pgd_steps` steps, cross-entropy, random start, step 2.5 eps/steps):
+    a validation signal for choosing checkpoints, never a robustness claim (use `rvs_tf.evaluate`).
+    """
+
+    def __init__(self, classifier, *, eps, label_smoothing=0.0, weight_decay=0.0, eps_warmup_steps=0,
+                 eval_pgd_steps=10, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        _check(isinstance(classifier, keras.Model),
+               f"classifier: expected a keras.Model, got {type(classifier).__name__}")
+        _check(0.0 < float(eps) <= 1.0, f"eps: expected 0 < eps <= 1 for images in [0, 1], got {eps}")
+        _check(0.0 <= float(label_smoothing) < 1.0,
+               f"label_smoothing: expected 0 <= value < 1, got {label_smoothing}")
+        _check(float(weight_decay) >= 0.0, f"weight_decay: expected >= 0, got {weight_decay}")
+        _check(int(eps_warmup_steps) >= 0, f"eps_warmup_steps: expected >= 0, got {eps_warmup_steps}")
+        _check(int(eval_pgd_steps) >= 1, f"eval_pgd_steps: expected >= 1, got {eval_pgd_steps}")
+        self.classifier = classifier
+        self.eps = float(eps)
+        self.label_smoothing = float(label_smoothing)
+        self.weight_decay = float(weight_decay)
+        self.eps_warmup_steps = int(eps_warmup_steps)
+        self.eval_pgd_steps = int(eval_pgd_steps)
+        self.seed = int(seed)
+        self.num_classes = int(classifier.output_shape[-1])
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
+        self.adv_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
+        self.pgd_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
+        self.built = True
+
+    # -- Keras plumbing ---------------------------------------------------------------------------------
+    def call(self, inputs, training=False):
+        return self.classifier(inputs, training=training)
+
+    def _extra_trackers(self):
+        return []
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, *self._extra_trackers(), self.accuracy_tracker,
+                self.adv_accuracy_tracker, self.pgd_accuracy_tracker]
+
+    def get_config(self):
+        return {
+            "classifier": keras.saving.serialize_keras_object(self.classifier),
+            "eps": self.eps, "label_smoothing": self.label_smoothing, "weight_decay": self.weight_decay,
+            "eps_warmup_steps": self.eps_warmup_steps, "eval_pgd_steps": self.eval_pgd_steps,
+            "seed": self.seed, "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("classifier", "generator"):
+            if key in config:
+                config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+    def _optimizers(self):
+        return {"optimizer": self.optimizer}
+
+    def compile(self, optimizer="sgd", **kwargs):
+        """Compile with the classifier's optimizer; it is built on its variables now, so that `fit` under
+        a strategy never creates optimizer slots inside the step (the 'placeholder ... cond' failure)."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self._build_optimizers()
+
+    def _build_optimizers(self):
+        with self.distribute_strategy.scope():
+            self.optimizer.build(self.classifier.trainable_variables)
+
+    def get_compile_config(self):
+        return {key: keras.saving.serialize_keras_object(opt) for key, opt in self._optimizers().items()}
+
+    def compile_from_config(self, config):
+        self.compile(**{key: keras.saving.deserialize_keras_object(value) for key, value in config.items()})
+
+    # -- shared pieces of a step ----------------------------------------------------------------------
+    def current_eps(self):
+        """eps, ramped linearly from 0 over the first `eps_warmup_steps` classifier steps."""
+        if self.eps_warmup_steps == 0:
+            return tf.constant(self.eps, tf.float32)
+        step = tf.cast(self.optimizer.iterations + 1, tf.float32)
+        return self.eps * tf.minimum(1.0, step / float(self.eps_warmup_steps))
+
+    def step_seed(self, stream):
+        """A stateless seed per (step, stream, replica): reproducible, resumes exactly from a checkpoint
+        (the step counter is the optimizer's), and differs between replicas."""
+        step = tf.cast(self.optimizer.iterations, tf.int32)
+        return tf.stack([self.seed * 1_000_003 + _replica_id(), step * 16 + stream])
+
+    def logits(self, x, training):
+        return tf.cast(self.classifier(x, training=training), tf.float32)
+
+    def targets(self, y):
+        return smooth_labels(y, self.num_classes, self.label_smoothing)
+
+    def cross_entropy(self, targets, logits):
+        return tf.reduce_mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
+
+    def regularised(self, loss):
+        if self.weight_decay:
+            loss += self.weight_decay * kernel_l2(self.classifier.trainable_variables)
+        return loss
+
+    @staticmethod
+    def gradient_loss(loss, optimizer):
+        """The loss to differentiate (call it inside the tape): divided by the replica count because
+        the optimizer sums gradients across replicas, and scaled when the optimizer scales losses
+        (mixed precision)."""
+        return optimizer.scale_loss(loss / _replica_count())
+
+    @staticmethod
+    def descend(tape, gradient_loss, optimizer, variables):
+        optimizer.apply_gradients(zip(tape.gradient(gradient_loss, variables), variables))
+
+    @staticmethod
+    def unpack(data):
+        if not isinstance(data, (tuple, list)) or len(data) < 2:
+            raise ValueError("Expected batches of (images, labels) with integer labels; "
+                             f"got {type(data).__name__}")
+        x, y = data[0], data[1]
+        return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int64), [-1])
+
+    def test_step(self, data):
+        x, y = self.unpack(data)
+        clean_logits = self.logits(x, training=False)
+        x_pgd = attacks.pgd(lambda images: self.logits(images, training=False), x, y, eps=self.eps,
+                            steps=self.eval_pgd_steps)
+        self.loss_tracker.update_state(self.cross_entropy(self.targets(y), clean_logits))
+        self.accuracy_tracker.update_state(y, clean_logits)
+        self.pgd_accuracy_tracker.update_state(y, self.logits(x_pgd, training=False))
+        return {m.name: m.result() for m in (self.loss_tracker, self.accuracy_tracker,
+                                              self.pgd_accuracy_tracker)}
+
+
+@keras.saving.register_keras_serializable(package="rvs_tf")
+class RVSModel(RobustModel):
+    """Robustness-via-Synthesis: a generator of bounded perturbations trained against the classifier.
+
+    Args:
+      classifier: a Keras model from images in [0, 1] to logits, with a layer named `feature_layer`
+        whose output is the penultimate feature vector (the OT term compares those).
+      generator: a Keras model from noise [B, noise_dim] to a raw perturbation [B, H, W, C].
+      eps: L-inf budget. `bound`: "clip" (authors: hard clip of G(z) to [-eps, eps]) or "tanh"
+        (eps * tanh(G(z)), gradients everywhere).
+      ot_weight: lambda of the classifier loss. `ot_on`: "features" (authors) or "logits".
+      ot_epsilon, ot_cost_scale, ot_max_iters, ot_gradient, ot_debiased: passed to
+        `rvs_tf.sinkhorn.entropic_ot` (see there).
+      label_smoothing: authors' 0.5 (true class keeps 1 - s). `clean_ce_weight`: an optional CE term on
+        the clean batch (authors: 0). `random_start`: the uniform start of step 3 (authors: on).
+      weight_decay: 2e-4 in the authors' recipe, on the classifier's kernels.
+    """
+
+    def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, bound="clip",
+                 random_start=True, ot_weight=1.0, ot_on="features", ot_epsilon=0.01, ot_cost_scale=None,
+                 ot_max_iters=100, ot_gradient="implicit", ot_debiased=False, clean_ce_weight=0.0,
+                 label_smoothing=0.5, **kwargs):
+        super().__init__(classifier, label_smoothing=label_smoothing, eps=eps, **kwargs)
+        _check(isinstance(generator, keras.Model),
+               f"generator: expected a keras.Model, got {type(generator).__name__}")
+        _check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
+        _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
+        _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
+        _check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
+        image_shape = tuple(classifier.input_shape[1:])
+        _check(tuple(generator.output_shape[1:]) == image_shape,
+               f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
+               f"classifier's input shape {image_shape}")
+        self.generator = generator
+        self.feature_layer = feature_layer
+        self.bound = bound
+        self.random_start = bool(random_start)
+        self.ot_weight = float(ot_weight)
+        self.ot_on = ot_on
+        self.clean_ce_weight = float(clean_ce_weight)
+        self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
+                               max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
+        self.noise_dim = int(generator.input_shape[-1])
+        # A two-headed view of the classifier (logits, features) sharing its layers. It is not tracked as
+        # a sub-layer, so saving stores the classifier's weights once, under `classifier`.
+        object.__setattr__(self, "_two_headed", self._make_two_headed(classifier, feature_layer))
+        sinkhorn.entropic_ot(tf.zeros([2, 3]), tf.ones([2, 3]), **self.ot_options)  # validates options now
+        self.ce_tracker = keras.metrics.Mean(name="ce_loss")
+        self.ot_tracker = keras.metrics.Mean(name="ot_loss")
+        self.generator_ot_tracker = keras.metrics.Mean(name="generator_ot")
+
+    @staticmethod
+    def _make_two_headed(classifier, feature_layer):
+        try:
+            features = classifier.get_layer(feature_layer).output
+        except ValueError:
+            names = [layer.name for layer in classifier.layers]
+            raise ValueError(f"feature_layer: classifier {classifier.name!r} has no layer "
+                             f"{feature_layer!r}; its layers are {names}") from None
+        except AttributeError:
+            raise ValueError("feature_layer: the classifier must be a functional or Sequential Keras "
+                             "model so that a named layer's output can be read") from None
+        return keras.Model(classifier.inputs, [classifier.outputs[0], features])
+
+    def _extra_trackers(self):
+        return [self.ce_tracker, self.ot_tracker, self.generator_ot_tracker]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            generator=keras.saving.serialize_keras_object(self.generator),
+            feature_layer=self.feature_layer, bound=self.bound, random_start=self.random_start,
+            ot_weight=self.ot_weight, ot_on=self.ot_on, clean_ce_weight=self.clean_ce_weight,
+            **{f"ot_{key}": value for key, value in self.ot_options.items()})
+        return config
+
+    def _optimizers(self):
+        return {"classifier_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer}
+
+    def compile(self, classifier_optimizer="sgd", generator_optimizer="sgd", **kwargs):
+        """Compile with one optimizer per player. Both are built on their variables here, inside the
+        model's strategy scope, which is what makes a two-optimizer step work under MirroredStrategy."""
+        self.generator_optimizer = keras.optimizers.get(generator_optimizer)
+        if keras.config.dtype_policy().name == "mixed_float16" and not isinstance(
+                self.generator_optimizer, keras.optimizers.LossScaleOptimizer):
+            self.generator_optimizer = keras.optimizers.LossScaleOptimizer(self.generator_optimizer)
+        super().compile(optimizer=classifier_optimizer, **kwargs)
+
+    def _build_optimizers(self):
+        super()._build_optimizers()
+        with self.distribute_strategy.scope():
+            self.generator_optimizer.build(self.generator.trainable_variables)
+
+    # -- the RVS step ---------------------------------------------------------------------------------
+    def synthesize(self, x, eps, stream):
+        """x_adv = clip01(proj_eps(clip01(x + U(-eps, eps)) + bound(G(z)))) and delta = x_adv - x."""
+        z = tf.random.stateless_normal([tf.shape(x)[0], self.noise_dim], seed=self.step_seed(stream))
+        raw = tf.cast(self.generator(z, training=True), tf.float32)
+        delta = eps * tf.tanh(raw) if self.bound == "tanh" else tf.clip_by_value(raw, -eps, eps)
+        start = x
+        if self.random_start:
+            noise = tf.random.stateless_uniform(tf.shape(x), seed=self.step_seed(stream + 1),
+                                                minval=-1.0, maxval=1.0)
+            start = tf.clip_by_value(x + eps * noise, 0.0, 1.0)
+        x_adv = tf.clip_by_value(tf.clip_by_value(start + delta, x - eps, x + eps), 0.0, 1.0)
+        return x_adv
+
+    def heads(self, x):
+        """(logits, OT inputs) of the classifier in training mode, in float32."""
+        logits, features = self._two_headed(x, training=True)
+        logits = tf.cast(logits, tf.float32)
+        return logits, (logits if self.ot_on == "logits" else tf.cast(features, tf.float32))
+
+    def transport_cost(self, clean, adversarial):
+        return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
+
+    def train_step(self, data):
+        x, y = self.unpack(data)
+        eps = self.current_eps()
+
+        with tf.GradientTape() as tape:  # generator: maximise the transport cost
+            _, clean = self.heads(x)
+            _, adversarial = self.heads(self.synthesize(x, eps, stream=0))
+            generator_ot = self.transport_cost(clean, adversarial)
+            generator_loss = self.gradient_loss(-generator_ot, self.generator_optimizer)
+        self.descend(tape, generator_loss, self.generator_optimizer, self.generator.trainable_variables)
+
+        x_adv = tf.stop_gradient(self.synthesize(x, eps, stream=2))
+        targets = self.targets(y)
+        with tf.GradientTape() as tape:  # classifier: fit the synthesised batch, pull features together
+            clean_logits, clean = self.heads(x)
+            logits, adversarial = self.heads(x_adv)
+            ce = self.cross_entropy(targets, logits)
+            ot = self.transport_cost(clean, adversarial)
+            loss = ce + self.ot_weight * ot
+            if self.clean_ce_weight:
+                loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits)
+            loss = self.regularised(loss)
+            classifier_loss = self.gradient_loss(loss, self.optimizer)
+        self.descend(tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
+
+        self.loss_tracker.update_state(loss)
+        self.ce_tracker.update_state(ce)
+        self.ot_tracker.update_state(ot)
+        self.generator_ot_tracker.update_state(generator_ot)
+        self.accuracy_tracker.update_state(y, clean_logits)
+        self.adv_accuracy_tracker.update_state(y, logits)
+        return {m.name: m.result() for m in self.metrics if m is not self.pgd_accuracy_tracker}

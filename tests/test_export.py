@@ -1,0 +1,95 @@
+"""SavedModel export: the TF Serving layout and signature, atomic versions, clear failures."""
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rvs_tf import export
+
+
+def classifier():
+    inputs = keras.Input((6, 6, 1))
+    h = keras.layers.Flatten()(inputs)
+    h = keras.layers.Dense(8, activation="relu", name="features")(h)
+    return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+
+def test_signature_versions_and_metadata(tmp_path):
+    model = classifier()
+    root = str(tmp_path / "saved_models")
+    first = export.export_classifier(model, root, "demo", metadata={"dataset": "toy", "eps": 0.1})
+    second = export.export_classifier(model, root, "demo")
+    assert first.endswith(os.path.join("demo", "1")) and second.endswith(os.path.join("demo", "2"))
+    assert sorted(os.listdir(os.path.join(root, "demo"))) == ["1", "2"]  # no temporary folders left
+
+    loaded = tf.saved_model.load(first)
+    signature = loaded.signatures["serving_default"]
+    _, inputs = signature.structured_input_signature
+    assert list(inputs) == ["images"]
+    assert inputs["images"].dtype == tf.float32 and inputs["images"].shape.as_list() == [None, 6, 6, 1]
+    assert set(signature.structured_outputs) == {"logits", "probabilities", "classes"}
+
+    x = np.random.default_rng(0).uniform(size=(5, 6, 6, 1)).astype("float32")
+    out = signature(images=tf.constant(x))
+    expected = model(x).numpy()
+    np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(out["classes"].numpy(), expected.argmax(-1))
+    assert export.read_metadata(first) == {"dataset": "toy", "eps": 0.1}
+    # No training state: the generator, optimizers and RVS wrapper are not part of the export.
+    assert not any("optimizer" in v.name for v in loaded.variables)
+
+    assert export.resolve_version_dir(os.path.join(root, "demo")) == second
+    logits = export.load_serving_model(os.path.join(root, "demo"))(x)
+    np.testing.assert_allclose(logits.numpy(), expected, atol=1e-5)
+
+
+def test_failed_export_leaves_earlier_versions_intact(tmp_path, monkeypatch):
+    model = classifier()
+    root = str(tmp_path)
+    first = export.export_classifier(model, root, "demo")
+    before = sorted(os.listdir(first))
+
+    def broken(self, *args, **kwargs):
+        os.makedirs(args[0], exist_ok=True)
+        open(os.path.join(args[0], "saved_model.pb"), "w").close()  # a partial write, then a crash
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", broken)  # a factory class
+    with pytest.raises(OSError, match="disk full"):
+        export.export_classifier(model, root, "demo")
+    assert os.listdir(os.path.join(root, "demo")) == ["1"]
+    assert sorted(os.listdir(first)) == before
+    tf.saved_model.load(first)  # still loads
+
+
+def test_existing_version_is_never_overwritten(tmp_path):
+    model = classifier()
+    export.export_classifier(model, str(tmp_path), "demo", version=3)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export.export_classifier(model, str(tmp_path), "demo", version=3)
+    assert export.versions(str(tmp_path / "demo")) == [3]
+    assert export.export_classifier(model, str(tmp_path), "demo").endswith("4")
+
+
+def test_unwritable_export_dir_names_the_flag(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="--export_dir"):
+        export.export_classifier(classifier(), str(blocker / "exports"), "demo")
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden"])
+def test_bad_names_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match="name"):
+        export.export_classifier(classifier(), str(tmp_path), name)
+
+
+def test_metadata_is_json(tmp_path):
+    path = export.export_classifier(classifier(), str(tmp_path), "demo",
+                                    metadata={"metrics": {"acc": np.float32(0.5).item()}})
+    with open(os.path.join(path, export.METADATA_FILE)) as handle:
+        assert json.load(handle)["metrics"]["acc"] == 0.5

@@ -1,0 +1,177 @@
+"""RVSModel: the step does what DESIGN.md section 1 says, and the model behaves like any Keras model."""
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rvs_tf import models, sinkhorn
+from rvs_tf.training import RVSModel, kernel_l2, smooth_labels
+
+SHAPE = (12, 12, 1)
+CLASSES = 4
+
+
+def tiny_classifier(feature_name="features", name="tiny"):
+    inputs = keras.Input(SHAPE)
+    h = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(16, activation="relu", name=feature_name)(h)
+    return keras.Model(inputs, keras.layers.Dense(CLASSES)(h), name=name)
+
+
+def tiny_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, n)
+    x = rng.uniform(0, 0.3, (n, *SHAPE)).astype("float32")
+    for row in range(3):  # a learnable class signal: a bright band of three rows per class
+        x[np.arange(n), y * 3 + row, :, 0] += 0.6
+    return np.clip(x, 0, 1), y.astype("int64")
+
+
+def make_model(**kwargs):
+    options = dict(eps=0.1, ot_epsilon=0.1, ot_cost_scale="mean", ot_max_iters=50, eval_pgd_steps=3)
+    options.update(kwargs)
+    keras.utils.set_random_seed(0)
+    model = RVSModel(tiny_classifier(), models.make_generator(8, SHAPE), **options)
+    model.compile(classifier_optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    return model
+
+
+def test_label_smoothing_follows_the_authors_convention():
+    targets = smooth_labels(tf.constant([2]), 10, 0.5).numpy()[0]
+    assert targets[2] == pytest.approx(0.5)
+    np.testing.assert_allclose(np.delete(targets, 2), 0.5 / 9, rtol=1e-6)
+    assert targets.sum() == pytest.approx(1.0)
+    np.testing.assert_array_equal(smooth_labels(tf.constant([1]), 3, 0.0).numpy(), [[0, 1, 0]])
+
+
+def test_weight_decay_counts_kernels_only():
+    classifier = tiny_classifier()
+    for layer in classifier.layers:  # give biases weight so that counting them would show
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(tf.ones_like(layer.bias))
+    kernels = sum(0.5 * np.sum(v.numpy() ** 2) for v in classifier.trainable_variables
+                  if v.path.endswith("kernel"))
+    everything = sum(0.5 * np.sum(v.numpy() ** 2) for v in classifier.trainable_variables)
+    assert float(kernel_l2(classifier.trainable_variables)) == pytest.approx(kernels, rel=1e-5)
+    assert everything - kernels > 1.0
+
+
+def test_synthesised_batch_stays_in_the_eps_ball_and_the_image_range():
+    model = make_model(eps=0.2)
+    x, _ = tiny_data(16)
+    for bound in ("clip", "tanh"):
+        model.bound = bound
+        x_adv = model.synthesize(tf.constant(x), tf.constant(0.2), stream=0).numpy()
+        assert np.abs(x_adv - x).max() <= 0.2 + 1e-6
+        assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+        assert np.abs(x_adv - x).max() > 0.05  # it is not a no-op
+
+
+def test_one_step_updates_both_players_and_reports_every_term():
+    model = make_model()
+    x, y = tiny_data(32)
+    before_c = [v.numpy().copy() for v in model.classifier.trainable_variables]
+    before_g = [v.numpy().copy() for v in model.generator.trainable_variables]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert {"loss", "ce_loss", "ot_loss", "generator_ot", "clean_accuracy", "adv_accuracy"} <= set(logs)
+    assert all(np.isfinite(v) for v in logs.values())
+    assert logs["ot_loss"] > 0 and logs["generator_ot"] > 0
+    changed = lambda before, after: any(not np.allclose(b, a.numpy()) for b, a in zip(before, after))
+    assert changed(before_c, model.classifier.trainable_variables)
+    assert changed(before_g, model.generator.trainable_variables)
+    assert int(model.generator_optimizer.iterations) == 1 and int(model.optimizer.iterations) == 1
+
+
+def test_generator_step_ascends_the_transport_cost():
+    """The generator's update direction increases OT(h(x), h(x_adv)) for the same noise and start."""
+    model = make_model(bound="tanh")  # tanh: every pixel of delta has a gradient
+    x = tf.constant(tiny_data(32)[0])
+    eps = tf.constant(0.1)
+
+    def cost():
+        _, clean = model.heads(x)
+        _, adversarial = model.heads(model.synthesize(x, eps, stream=0))
+        return model.transport_cost(clean, adversarial)
+
+    with tf.GradientTape() as tape:
+        start = cost()
+    grads = tape.gradient(start, model.generator.trainable_variables)
+    for variable, grad in zip(model.generator.trainable_variables, grads):
+        variable.assign_add(1e-3 * grad)  # a small ascent step
+    assert float(cost()) > float(start)
+
+
+def test_fit_evaluate_predict_with_plain_datasets():
+    model = make_model()
+    x, y = tiny_data(64)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    history = model.fit(dataset, epochs=2, validation_data=dataset, verbose=0)
+    assert {"val_clean_accuracy", "val_pgd_accuracy", "loss"} <= set(history.history)
+    results = model.evaluate(x, y, batch_size=32, return_dict=True, verbose=0)
+    assert 0.0 <= results["pgd_accuracy"] <= results["clean_accuracy"] + 1e-6
+    logits = model.predict(x[:5], verbose=0)
+    np.testing.assert_allclose(logits, model.classifier(x[:5]).numpy(), atol=1e-5)
+
+
+def test_training_learns_and_does_not_collapse():
+    """DESIGN.md's trap: a badly scaled OT term makes the classifier collapse to a constant output."""
+    model = make_model()
+    x, y = tiny_data(256, seed=1)
+    model.fit(x, y, batch_size=32, epochs=10, verbose=0)
+    predictions = model.predict(x, verbose=0).argmax(-1)
+    assert (predictions == y).mean() > 0.6
+    assert len(np.unique(predictions)) == CLASSES
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = make_model()
+    x, y = tiny_data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    path = str(tmp_path / "rvs.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, RVSModel)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    assert loaded.eps == model.eps and loaded.ot_options == model.ot_options
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations)
+    assert int(loaded.generator_optimizer.iterations) == int(model.generator_optimizer.iterations)
+    loaded.fit(x, y, batch_size=16, epochs=1, verbose=0)  # and it trains on
+
+
+def test_users_own_classifier_with_a_named_feature_layer():
+    classifier = tiny_classifier(feature_name="penultimate")
+    model = RVSModel(classifier, models.make_generator(8, SHAPE), eps=0.1, feature_layer="penultimate",
+                     ot_epsilon=0.1, ot_cost_scale="mean")
+    model.compile(classifier_optimizer="adam", generator_optimizer="adam")
+    x, y = tiny_data(16)
+    assert np.isfinite(model.train_on_batch(x, y, return_dict=True)["loss"])
+    with pytest.raises(ValueError, match=re.escape("feature_layer") + ".*'nope'.*penultimate"):
+        RVSModel(classifier, models.make_generator(8, SHAPE), eps=0.1, feature_layer="nope")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eps": 0.0}, "eps"), ({"eps": 1.5}, "eps"), ({"bound": "sigmoid"}, "bound"),
+    ({"ot_on": "pixels"}, "ot_on"), ({"label_smoothing": 1.0}, "label_smoothing"),
+    ({"ot_gradient": "magic"}, "gradient"),
+])
+def test_bad_arguments_name_themselves(kwargs, message):
+    options = dict(eps=0.1)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        RVSModel(tiny_classifier(), models.make_generator(8, SHAPE), **options)
+
+
+def test_generator_shape_must_match_the_classifier():
+    with pytest.raises(ValueError, match="generator"):
+        RVSModel(tiny_classifier(), models.make_generator(8, (16, 16, 1)), eps=0.1)
+
+
+def test_ot_term_matches_the_sinkhorn_module():
+    model = make_model()
+    a, b = tf.random.normal([8, 16]), tf.random.normal([8, 16])
+    expected = sinkhorn.entropic_ot(a, b, epsilon=0.1, cost_scale="mean", max_iters=50)
+    assert float(model.transport_cost(a, b)) == pytest.approx(float(expected), rel=1e-6)
