@@ -15,6 +15,7 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "tensorflow-probability[tf]>=0.25,<0.26",
         "absl-py>=2.1",
+        "tensorboard>=2.18",
         "POT>=0.9.4",
         "numpy>=1.26",
         "matplotlib>=3.8",

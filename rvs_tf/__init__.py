@@ -1,23 +1,12 @@
 """rvs_tf: Robustness-via-Synthesis adversarial training for Keras 3 / TensorFlow.
 
-Heavy submodules load on first use, so `import rvs_tf.sinkhorn` does not build models.
+Importing the package registers its Keras classes, so `keras.models.load_model` reads saved rvs_tf
+models (an `RVSModel`, or a classifier with rvs_tf layers) after a plain `import rvs_tf`.
 """
-import importlib
-
 __version__ = "0.1.0"
 
-_LAZY = {
-    "RVSModel": "rvs_tf.training",
-    "robustness_report": "rvs_tf.evaluate",
-    "entropic_ot": "rvs_tf.sinkhorn",
-    "transport_plan": "rvs_tf.sinkhorn",
-}
+from rvs_tf import models  # noqa: E402  (registers the classifier layers)
+from rvs_tf.sinkhorn import entropic_ot, transport_plan  # noqa: E402
+from rvs_tf.training import RVSModel  # noqa: E402
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'rvs_tf' has no attribute {name!r}")
-
-
-__all__ = list(_LAZY)
+__all__ = ["RVSModel", "entropic_ot", "models", "transport_plan"]

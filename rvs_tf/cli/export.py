@@ -30,6 +30,7 @@ def load_source(path):
     """(classifier, metadata, default name) from a workdir or a .keras file."""
     import keras
 
+    import rvs_tf  # noqa: F401  (registers rvs_tf's Keras classes for load_model)
     from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE
 
     if os.path.isdir(path):

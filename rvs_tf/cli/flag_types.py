@@ -19,4 +19,4 @@ class FractionParser(flags.FloatParser):
 def DEFINE_fraction(name, default, help, lower=None, upper=None, **kwargs):  # noqa: N802 (absl style)
     """A float/fraction flag with optional inclusive bounds checked at parse time."""
     parser = FractionParser(lower_bound=lower, upper_bound=upper)
-    return flags.DEFINE(parser, name, default, help, flags.ArgumentSerializer(), **kwargs)
+    return flags.DEFINE(parser, name, default, help, serializer=flags.ArgumentSerializer(), **kwargs)

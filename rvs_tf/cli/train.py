@@ -20,12 +20,11 @@ flags.DEFINE_string("dataset", "fashion_mnist_idx", "Dataset: a TFDS name (cifar
                     "mnist, fashion_mnist) or fashion_mnist_idx (local IDX files, offline).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (TFDS default when unset).")
 flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "Folder of the IDX .gz files.")
-flags.DEFINE_integer("validation_size", 5000, "Training examples held out for validation.", lower_bound=1)
+flags.DEFINE_integer("validation_size", 5000, "Training examples held out for validation (each epoch "
+                     "reports clean and PGD accuracy on all of them).", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=2)
 flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass over the data).",
-                     lower_bound=1)
-flags.DEFINE_integer("validation_examples", 2000, "Validation examples evaluated each epoch.",
                      lower_bound=1)
 # Models.
 flags.DEFINE_enum("arch", "small_cnn", ["small_cnn", "preact_resnet18", "wide_resnet"], "Classifier.")
@@ -204,6 +203,8 @@ def _fail(message):
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # TF's INFO lines drown the progress bars
+        logging.set_verbosity(logging.WARNING)
     started = time.time()
     import keras
 
@@ -227,7 +228,8 @@ def main(argv):
                     f"--workdir: {workdir!r} holds a run with other settings "
                     + ", ".join(f"--{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(changed.items()))
                     + "; choose another --workdir or --name to start a new run")
-        write_json_atomic(config_path, run_config())
+        else:
+            write_json_atomic(config_path, run_config())
         keras.utils.set_random_seed(FLAGS.seed)
         train_ds, val_ds, test_ds, info = data.make_datasets(
             FLAGS.dataset, batch_size=FLAGS.batch_size, validation_size=FLAGS.validation_size,
@@ -240,18 +242,16 @@ def main(argv):
     checkpoint = RunCheckpoint(os.path.join(workdir, "checkpoints"), monitor="val_pgd_accuracy")
     initial_epoch = checkpoint.restore(model)
     if initial_epoch:
-        logging.info("Resuming %s from epoch %d", workdir, initial_epoch)
-    val_batches = max(1, -(-FLAGS.validation_examples // FLAGS.batch_size))
-    val_subset = val_ds.take(val_batches).cache()
+        print(f"Resuming {workdir} from epoch {initial_epoch}")
     sample = next(iter(val_ds))[0][:8]
     print(f"Training RVS on {info.name} ({info.num_train} train / {info.num_validation} validation), "
           f"{FLAGS.arch}, eps={FLAGS.eps:.4g}; val_pgd_accuracy = PGD-{FLAGS.eval_pgd_steps} (CE, random "
-          f"start, 1 restart) on {min(FLAGS.validation_examples, info.num_validation)} validation images")
+          f"start, 1 restart, eps={FLAGS.eps:.4g}) on the validation split")
     callbacks = [checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
                  ImageSummaries(os.path.join(workdir, "logs"), sample)]
     if initial_epoch < FLAGS.epochs:
         model.fit(train_ds.repeat(), epochs=FLAGS.epochs, initial_epoch=initial_epoch,
-                  steps_per_epoch=steps_per_epoch, validation_data=val_subset, callbacks=callbacks,
+                  steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)
     best_epoch = checkpoint.load_best(model)
     minutes = (time.time() - started) / 60

@@ -1,0 +1,91 @@
+"""rvs-evaluate: robustness report of a SavedModel (or .keras file) under an attack ensemble.
+
+    rvs-evaluate --model=saved_models/<name>/<version>                 # standard ensemble, 1,000 images
+    rvs-evaluate --model=saved_models/<name> --attacks=pgd20           # highest version, FGSM + PGD-20
+    rvs-evaluate --model=m.keras --dataset=fashion_mnist_idx --eps=0.1 --attacks=apgd-ce,square
+
+Dataset and eps default to the model's metadata (assets.extra/rvs_metadata.json). Prints clean accuracy,
+each attack with its settings and the per-example worst case with its 95% interval; writes report.json,
+report.md and figures to --output_dir (default: next to the model, e.g. saved_models/<name>/eval_<version>).
+"""
+import os
+
+from absl import app, flags
+
+from rvs_tf import evaluate
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", None, "SavedModel dir, folder of integer versions of one, or .keras file.")
+flags.DEFINE_string("dataset", None, "Dataset name for rvs_tf.data (default: the model's metadata).")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+flags.DEFINE_float("eps", None, "L-inf radius for images in [0, 1] (default: the model's metadata).")
+flags.DEFINE_integer("num_examples", 1000, "Test examples to evaluate (the first ones of the split).")
+flags.DEFINE_integer("batch_size", 250, "Images per attack batch.")
+flags.DEFINE_string("attacks", "standard",
+                    "standard | quick | pgd20 | comma-separated names from rvs_tf.evaluate.ATTACKS.")
+flags.DEFINE_string("output_dir", None, "Where the report goes (default: next to the model).")
+flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and proposals.")
+flags.DEFINE_integer("sweep_examples", 100, "Examples of the accuracy-against-eps sweep (0 skips it).")
+flags.DEFINE_bool("cascade", True, "Attack only examples no earlier attack broke (as AutoAttack).")
+flags.DEFINE_bool("progress", True, "Show a progress bar per attack.")
+flags.mark_flags_as_required(["model"])
+
+
+def _model_ok(path):
+    try:
+        evaluate.resolve_model_path(path)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _attacks_ok(value):
+    try:
+        evaluate.resolve_attacks(value)
+    except ValueError:
+        return False
+    return True
+
+
+flags.register_validator("model", _model_ok, "--model must be a SavedModel directory, a folder of integer "
+                         "versions of one (saved_models/<name>), or a .keras file")
+flags.register_validator("eps", lambda v: v is None or 0.0 <= v <= 1.0, "--eps must be in [0, 1]")
+flags.register_validator("num_examples", lambda v: v >= 1, "--num_examples must be >= 1")
+flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
+flags.register_validator("sweep_examples", lambda v: v >= 0, "--sweep_examples must be >= 0")
+flags.register_validator("attacks", _attacks_ok, f"--attacks must be one of {sorted(evaluate.PRESETS)} or a "
+                         f"comma-separated list of {sorted(evaluate.ATTACKS)}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _, metadata, _ = evaluate.load_model(FLAGS.model)
+    dataset = FLAGS.dataset or metadata.get("dataset")
+    eps = FLAGS.eps if FLAGS.eps is not None else metadata.get("eps")
+    if dataset is None:
+        raise app.UsageError("--dataset is needed: the model has no metadata naming its dataset")
+    if eps is None:
+        raise app.UsageError("--eps is needed: the model has no metadata giving its eps")
+    from rvs_tf.data import make_eval_dataset
+
+    ds, _ = make_eval_dataset(dataset, split="test", batch_size=FLAGS.batch_size,
+                              num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir)
+    output_dir = FLAGS.output_dir or evaluate.default_output_dir(FLAGS.model)
+    report = evaluate.robustness_report(
+        FLAGS.model, ds, eps=eps, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
+        batch_size=FLAGS.batch_size, cascade=FLAGS.cascade, sweep_examples=FLAGS.sweep_examples,
+        output_dir=output_dir, seed=FLAGS.seed, progress=FLAGS.progress, dataset_name=dataset)
+    print("\n".join([f"dataset {dataset}", *evaluate.format_summary(report),
+                     f"report: {os.path.join(output_dir, 'report.md')}"]))
+    return report
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
