@@ -302,6 +302,11 @@ class RVSModel(RobustModel):
         x_adv = tf.clip_by_value(tf.clip_by_value(start + delta, x - eps, x + eps), 0.0, 1.0)
         return x_adv
 
+    def adversarial_examples(self, x, y, eps):
+        """A synthesised batch, as the classifier step sees it (for summaries and diagnostics)."""
+        del y  # the generator never sees the labels (nor the images)
+        return self.synthesize(tf.cast(x, tf.float32), eps, stream=0)
+
     def heads(self, x):
         """(logits, OT inputs) of the classifier in training mode, in float32."""
         logits, features = self._two_headed(x, training=True)

@@ -32,12 +32,22 @@ flags.DEFINE_integer("wrn_depth", 34, "WideResNet depth (6n+4).", lower_bound=10
 flags.DEFINE_integer("wrn_width", 10, "WideResNet widening factor.", lower_bound=1)
 flags.DEFINE_integer("noise_dim", None, "Generator noise size (default: the classifier's feature width, "
                      "as the authors).", lower_bound=1)
+# Method.
+flags.DEFINE_enum("method", "rvs", ["rvs", "natural", "fgsm_rs", "pgd", "trades"],
+                  "Training method; everything else (data, model, optimiser, schedule) is shared.")
+flags.DEFINE_integer("pgd_steps", 10, "Attack steps of --method=pgd and --method=trades.", lower_bound=1)
+DEFINE_fraction("pgd_step_size", None, "Step size of those attacks (default: 2.5*eps/steps for pgd, "
+                "eps/4 for trades, as their papers).", lower=0.0)
+flags.DEFINE_float("trades_beta", 6.0, "TRADES robustness weight.", lower_bound=0.0)
+flags.DEFINE_float("fgsm_step_ratio", 1.25, "FGSM-RS step as a multiple of eps (Wong et al.: 1.25).",
+                   lower_bound=0.0)
 # RVS.
 DEFINE_fraction("eps", 0.1, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
                 lower=0.0, upper=1.0)
 flags.DEFINE_enum("bound", "clip", ["clip", "tanh"], "How G(z) is bounded by eps.")
 flags.DEFINE_bool("random_start", True, "Uniform random start before adding G(z).")
-flags.DEFINE_float("label_smoothing", 0.5, "Mass moved from the true class to the others.",
+flags.DEFINE_float("label_smoothing", None, "Mass moved from the true class to the others (default: "
+                   "0.5 for rvs as the authors, 0 for the other methods as their papers).",
                    lower_bound=0.0, upper_bound=0.99)
 flags.DEFINE_float("ot_weight", 1.0, "Weight of the OT term in the classifier loss.", lower_bound=0.0)
 flags.DEFINE_enum("ot_on", "features", ["features", "logits"], "What the OT term compares.")
@@ -65,7 +75,7 @@ flags.DEFINE_integer("eval_pgd_steps", 10, "PGD steps of the per-epoch validatio
 flags.DEFINE_integer("eval_examples", 1000, "Test examples attacked by the final report.", lower_bound=1)
 flags.DEFINE_string("eval_attacks", "quick", "Attack preset of the final report (see rvs-evaluate).")
 flags.DEFINE_string("name", None, "Run name: names the workdir and the export (default: "
-                    "<dataset>_rvs).")
+                    "<dataset>_<method>).")
 flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs (default: runs/<name>).")
 flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving exports.")
 flags.DEFINE_bool("export", True, "Export the best classifier when training ends.")
@@ -73,7 +83,7 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (measured slower on CPU).")
 
 # Flags that define a run: resuming with different values would mix two experiments.
-RUN_FLAGS = ("dataset", "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim",
+RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_ratio", "dataset", "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim",
              "eps", "bound", "random_start", "label_smoothing", "ot_weight", "ot_on", "ot_epsilon",
              "ot_cost_scale", "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight",
              "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor", "momentum", "weight_decay",
@@ -138,53 +148,71 @@ def run_config():
 
 
 def build_model(info, steps_per_epoch):
-    """The classifier, the generator and the compiled RVSModel, from flags."""
-    import keras
-
-    from rvs_tf import models
+    """The compiled training model of --method (with its classifier, and generator for RVS), from flags."""
+    from rvs_tf import baselines, models
     from rvs_tf.training import RVSModel
 
     kwargs = {"depth": FLAGS.wrn_depth, "width": FLAGS.wrn_width} if FLAGS.arch == "wide_resnet" else {}
     classifier = models.build_classifier(FLAGS.arch, info.image_shape, info.num_classes, **kwargs)
+    smoothing = FLAGS.label_smoothing
+    if smoothing is None:
+        smoothing = 0.5 if FLAGS.method == "rvs" else 0.0
+    common = dict(eps=FLAGS.eps, label_smoothing=smoothing, weight_decay=FLAGS.weight_decay,
+                  eps_warmup_steps=FLAGS.eps_warmup_epochs * steps_per_epoch,
+                  eval_pgd_steps=FLAGS.eval_pgd_steps, seed=FLAGS.seed)
+    method = {"fgsm_rs": dict(step_ratio=FLAGS.fgsm_step_ratio),
+              "pgd": dict(steps=FLAGS.pgd_steps, step_size=FLAGS.pgd_step_size),
+              "trades": dict(steps=FLAGS.pgd_steps, step_size=FLAGS.pgd_step_size, beta=FLAGS.trades_beta),
+              }.get(FLAGS.method, {})
+    if FLAGS.method != "rvs":
+        model = baselines.METHODS[FLAGS.method](classifier, **common, **method)
+        model.compile(optimizer=_optimizer(FLAGS.optimizer, _classifier_lr(steps_per_epoch)),
+                      jit_compile=FLAGS.jit_compile)
+        return model
     feature_width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
     generator = models.make_generator(FLAGS.noise_dim or feature_width, info.image_shape)
     model = RVSModel(
-        classifier, generator, eps=FLAGS.eps, bound=FLAGS.bound, random_start=FLAGS.random_start,
-        label_smoothing=FLAGS.label_smoothing, ot_weight=FLAGS.ot_weight, ot_on=FLAGS.ot_on,
-        ot_epsilon=FLAGS.ot_epsilon, ot_cost_scale=parse_cost_scale(FLAGS.ot_cost_scale),
-        ot_max_iters=FLAGS.ot_max_iters, ot_gradient=FLAGS.ot_gradient, ot_debiased=FLAGS.ot_debiased,
-        clean_ce_weight=FLAGS.clean_ce_weight, weight_decay=FLAGS.weight_decay,
-        eps_warmup_steps=FLAGS.eps_warmup_epochs * steps_per_epoch, eval_pgd_steps=FLAGS.eval_pgd_steps,
-        seed=FLAGS.seed)
-
-    boundaries = [e * steps_per_epoch for e in _drop_epochs(FLAGS.lr_drop_epochs)]
-    lr = FLAGS.lr
-    if boundaries:
-        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries, [FLAGS.lr * FLAGS.lr_drop_factor ** i for i in range(len(boundaries) + 1)])
-
-    def make(kind, rate):
-        if kind == "adam":
-            return keras.optimizers.Adam(rate)
-        return keras.optimizers.SGD(rate, momentum=FLAGS.momentum)
-
-    model.compile(classifier_optimizer=make(FLAGS.optimizer, lr),
-                  generator_optimizer=make(FLAGS.generator_optimizer, FLAGS.generator_lr),
+        classifier, generator, bound=FLAGS.bound, random_start=FLAGS.random_start,
+        ot_weight=FLAGS.ot_weight, ot_on=FLAGS.ot_on, ot_epsilon=FLAGS.ot_epsilon,
+        ot_cost_scale=parse_cost_scale(FLAGS.ot_cost_scale), ot_max_iters=FLAGS.ot_max_iters,
+        ot_gradient=FLAGS.ot_gradient, ot_debiased=FLAGS.ot_debiased,
+        clean_ce_weight=FLAGS.clean_ce_weight, **common)
+    model.compile(classifier_optimizer=_optimizer(FLAGS.optimizer, _classifier_lr(steps_per_epoch)),
+                  generator_optimizer=_optimizer(FLAGS.generator_optimizer, FLAGS.generator_lr),
                   jit_compile=FLAGS.jit_compile)
     return model
 
 
-class ImageSummaries:
-    """TensorBoard images of x, delta (mapped to [0, 1]) and x_adv on a fixed batch, each epoch."""
+def _classifier_lr(steps_per_epoch):
+    import keras
 
-    def __new__(cls, log_dir, images, max_outputs=8):
+    boundaries = [e * steps_per_epoch for e in _drop_epochs(FLAGS.lr_drop_epochs)]
+    if not boundaries:
+        return FLAGS.lr
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [FLAGS.lr * FLAGS.lr_drop_factor ** i for i in range(len(boundaries) + 1)])
+
+
+def _optimizer(kind, rate):
+    import keras
+
+    if kind == "adam":
+        return keras.optimizers.Adam(rate)
+    return keras.optimizers.SGD(rate, momentum=FLAGS.momentum)
+
+
+class ImageSummaries:
+    """TensorBoard images of x, delta (mapped to [0, 1]) and x_adv (the images the method trains on) on a
+    fixed batch, each epoch."""
+
+    def __new__(cls, log_dir, images, labels, max_outputs=8):
         import keras
         import tensorflow as tf
 
         class _Callback(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 eps = float(self.model.eps)
-                x_adv = self.model.synthesize(images, tf.constant(eps), stream=0)
+                x_adv = self.model.adversarial_examples(images, labels, tf.constant(eps))
                 delta = (x_adv - images) / (2 * eps) + 0.5
                 with writer.as_default(step=epoch + 1):
                     tf.summary.image("x", images, max_outputs=max_outputs)
@@ -211,7 +239,7 @@ def main(argv):
     from rvs_tf import data, export
     from rvs_tf.checkpoints import RunCheckpoint, write_json_atomic
 
-    name = FLAGS.name or f"{FLAGS.dataset}_rvs"
+    name = FLAGS.name or f"{FLAGS.dataset}_{FLAGS.method}"
     workdir = FLAGS.workdir or os.path.join("runs", name)
     try:
         if FLAGS.export:
@@ -243,12 +271,12 @@ def main(argv):
     initial_epoch = checkpoint.restore(model)
     if initial_epoch:
         print(f"Resuming {workdir} from epoch {initial_epoch}")
-    sample = next(iter(val_ds))[0][:8]
-    print(f"Training RVS on {info.name} ({info.num_train} train / {info.num_validation} validation), "
+    sample_images, sample_labels = (t[:8] for t in next(iter(val_ds)))
+    print(f"Training {FLAGS.method} on {info.name} ({info.num_train} train / {info.num_validation} validation), "
           f"{FLAGS.arch}, eps={FLAGS.eps:.4g}; val_pgd_accuracy = PGD-{FLAGS.eval_pgd_steps} (CE, random "
           f"start, 1 restart, eps={FLAGS.eps:.4g}) on the validation split")
     callbacks = [checkpoint, keras.callbacks.TensorBoard(os.path.join(workdir, "logs")),
-                 ImageSummaries(os.path.join(workdir, "logs"), sample)]
+                 ImageSummaries(os.path.join(workdir, "logs"), sample_images, sample_labels)]
     if initial_epoch < FLAGS.epochs:
         model.fit(train_ds.repeat(), epochs=FLAGS.epochs, initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callbacks, shuffle=False,
@@ -260,7 +288,7 @@ def main(argv):
     test_clean = _accuracy(model.classifier, test_ds)
     metadata = {
         "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
-        "class_names": list(info.class_names), "eps": FLAGS.eps, "method": "rvs", "arch": FLAGS.arch,
+        "class_names": list(info.class_names), "eps": FLAGS.eps, "method": FLAGS.method, "arch": FLAGS.arch,
         "flags": run_config(), "best_epoch": best_epoch, "train_minutes": round(minutes, 2),
         "metrics": {"test_clean_accuracy": test_clean,
                     **checkpoint.state.get("history", {}).get(str(best_epoch), {})},

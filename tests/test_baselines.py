@@ -1,0 +1,67 @@
+"""Baseline defences: each trains under model.fit, crafts examples inside the eps-ball, and saves."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rvs_tf import baselines
+from test_training import tiny_classifier, tiny_data
+
+
+def compiled(cls, **kwargs):
+    keras.utils.set_random_seed(0)
+    model = cls(tiny_classifier(), eps=0.1, eval_pgd_steps=2, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(baselines.METHODS))
+def test_each_method_trains_saves_and_reloads(name, tmp_path):
+    model = compiled(baselines.METHODS[name])
+    x, y = tiny_data(64)
+    before = [v.numpy().copy() for v in model.classifier.trainable_variables]
+    history = model.fit(x, y, batch_size=32, epochs=1, validation_data=(x, y), verbose=0)
+    assert np.isfinite(history.history["loss"][-1]) and "val_pgd_accuracy" in history.history
+    assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.classifier.trainable_variables))
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    strip = lambda config: {k: v for k, v in config.items() if k != "classifier"}
+    assert type(loaded) is type(model) and strip(loaded.get_config()) == strip(model.get_config())
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fgsm_rs", "pgd", "trades"])
+def test_training_examples_stay_in_the_ball_and_raise_the_loss(name):
+    model = compiled(baselines.METHODS[name])
+    x, y = (tf.constant(a) for a in tiny_data(32))
+    x_adv = model.adversarial_examples(x, y, tf.constant(0.1)).numpy()
+    assert np.abs(x_adv - x.numpy()).max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    ce = lambda images: float(tf.reduce_mean(model.cross_entropy_of(y)(images)))
+    assert ce(x_adv) > ce(x)
+
+
+def test_pgd_training_attack_uses_its_step_size():
+    """One PGD step of a given size from no random start moves every free pixel by exactly that size."""
+    model = compiled(baselines.PGDATModel, steps=1, step_size=0.03)
+    x, y = (tf.constant(a) for a in tiny_data(8))
+    x = tf.clip_by_value(x, 0.2, 0.8)  # no pixel at the [0, 1] border
+    x_adv = baselines.signed_ascent(model.cross_entropy_of(y), x, x, 0.1, 1, 0.03).numpy()
+    moved = np.abs(x_adv - x.numpy())
+    assert np.allclose(moved[moved > 0], 0.03, atol=1e-6) and (moved > 0).mean() > 0.5
+
+
+def test_natural_training_ignores_eps_and_reports_clean_accuracy():
+    model = compiled(baselines.NaturalModel)
+    x, y = tiny_data(32)
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert "clean_accuracy" in logs and "adv_accuracy" not in logs
+
+
+def test_trades_beta_and_bad_arguments():
+    with pytest.raises(ValueError, match="beta"):
+        baselines.TRADESModel(tiny_classifier(), eps=0.1, beta=-1)
+    with pytest.raises(ValueError, match="steps"):
+        baselines.PGDATModel(tiny_classifier(), eps=0.1, steps=0)
+    with pytest.raises(ValueError, match="step_ratio"):
+        baselines.FGSMRSModel(tiny_classifier(), eps=0.1, step_ratio=0)
