@@ -271,7 +271,10 @@ def main(argv):
     initial_epoch = checkpoint.restore(model)
     if initial_epoch:
         print(f"Resuming {workdir} from epoch {initial_epoch}")
-    sample_images, sample_labels = (t[:8] for t in next(iter(val_ds)))
+    sample_ds, _ = data.make_eval_dataset(FLAGS.dataset, split="validation", batch_size=8, num_examples=8,
+                                          validation_size=FLAGS.validation_size, data_dir=FLAGS.data_dir,
+                                          idx_dir=FLAGS.idx_dir)
+    sample_images, sample_labels = next(iter(sample_ds))
     print(f"Training {FLAGS.method} on {info.name} ({info.num_train} train / {info.num_validation} validation), "
           f"{FLAGS.arch}, eps={FLAGS.eps:.4g}; val_pgd_accuracy = PGD-{FLAGS.eval_pgd_steps} (CE, random "
           f"start, 1 restart, eps={FLAGS.eps:.4g}) on the validation split")
