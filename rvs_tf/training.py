@@ -18,6 +18,7 @@ from rvs_tf.models import FEATURES_LAYER
 
 BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
+RVS_UPDATES = ("alternating", "simultaneous")
 
 
 def _check(condition, message):
@@ -101,6 +102,16 @@ class RobustModel(keras.Model):
         return [self.loss_tracker, *self._extra_trackers(), self.accuracy_tracker,
                 self.adv_accuracy_tracker, self.pgd_accuracy_tracker]
 
+    def _get_metrics_result_or_logs(self, logs):
+        """Epoch logs read from the metrics themselves for every name the step reported. Keras does this
+        only when a step reports all of `metrics`; otherwise it keeps the step's values, which under a
+        strategy are a plain mean of per-replica results, wrong whenever a batch splits unevenly (the
+        last validation batch)."""
+        if not isinstance(logs, dict):
+            return logs
+        results = self.get_metrics_result()
+        return {key: results.get(key, value) for key, value in logs.items()}
+
     def get_config(self):
         return {
             "classifier": keras.saving.serialize_keras_object(self.classifier),
@@ -123,6 +134,9 @@ class RobustModel(keras.Model):
     def compile(self, optimizer="sgd", **kwargs):
         """Compile with the classifier's optimizer; it is built on its variables now, so that `fit` under
         a strategy never creates optimizer slots inside the step (the 'placeholder ... cond' failure)."""
+        if kwargs.get("jit_compile") is True and self.distribute_strategy.num_replicas_in_sync > 1:
+            from rvs_tf.distribute import resolve_jit_compile  # warns; XLA cannot place a mirrored step
+            kwargs["jit_compile"] = resolve_jit_compile(True, self.distribute_strategy)
         super().compile(optimizer=optimizer, **kwargs)
         self._build_optimizers()
 
@@ -211,12 +225,40 @@ class RVSModel(RobustModel):
       label_smoothing: authors' 0.5 (true class keeps 1 - s). `clean_ce_weight`: an optional CE term on
         the clean batch (authors: 0). `random_start`: the uniform start of step 3 (authors: on).
       weight_decay: 2e-4 in the authors' recipe, on the classifier's kernels.
+      A generator with `trainable = False` stays at its initialisation (bounded noise of the same form,
+      no synthesis: the ablation control); its step is skipped.
+      rvs_update: how the two players move each step.
+        "alternating" (the authors'): a generator step on -OT, then a classifier step on a fresh z
+          against the updated generator: a sequential game in which the classifier answers the
+          generator's latest move. Cost: two forward passes of the classifier per step and a backward
+          pass for each player (about 9-10 forward-pass units, natural training being 3).
+        "simultaneous": one forward pass of x and x_adv under one tape; the classifier's gradient of
+          CE + lambda * OT and the generator's gradient of -OT are both taken at the same point and
+          applied together (simultaneous gradient descent-ascent). Both players react to the other's
+          previous move, which can oscillate where the alternating game settles, but the forward pass is
+          shared. Because the two losses differ, the generator's gradient needs its own backward pass
+          through the classifier at x_adv (the backward of CE + lambda * OT cannot be split into its OT
+          part), so the cost is about 8 units plus the generator, not 6.
+
+    Under data parallelism (MirroredStrategy, MultiWorkerMirroredStrategy) each replica computes the OT
+    term between the clean and synthesised measures of its own per-replica batch, and the loss that is
+    optimised is the mean over replicas of those terms (plus the mean cross-entropy, which equals the
+    cross-entropy of the global batch). This is deliberate: the authors tuned the term on batches of 64,
+    so a per-replica batch of 64 keeps the problem they studied however many devices there are; each
+    Sinkhorn solve stays a local B/k x B/k problem (no all-gather of features and no collective inside
+    the loop, memory O((B/k)^2) per device); and the generator gets one perturbation per z on every
+    replica. The price: a run on k replicas optimises mean_r OT(batch_r), not OT(global batch), so it
+    matches a single-device run with batch B/k in its OT term, and a single-device run with batch B only
+    in the terms that are means over examples (cross-entropy, weight decay, accuracies).
+    `RobustModel.compile` turns `jit_compile=True` off (with a warning) when there are several replicas.
+    Mixed precision: under `mixed_float16` the logits, losses and OT are computed in float32 and both
+    optimizers are `LossScaleOptimizer`s.
     """
 
     def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, bound="clip",
                  random_start=True, ot_weight=1.0, ot_on="features", ot_epsilon=0.01, ot_cost_scale=None,
                  ot_max_iters=100, ot_gradient="implicit", ot_debiased=False, clean_ce_weight=0.0,
-                 label_smoothing=0.5, **kwargs):
+                 label_smoothing=0.5, rvs_update="alternating", **kwargs):
         super().__init__(classifier, label_smoothing=label_smoothing, eps=eps, **kwargs)
         _check(isinstance(generator, keras.Model),
                f"generator: expected a keras.Model, got {type(generator).__name__}")
@@ -224,6 +266,7 @@ class RVSModel(RobustModel):
         _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
         _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
         _check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
+        _check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
         image_shape = tuple(classifier.input_shape[1:])
         _check(tuple(generator.output_shape[1:]) == image_shape,
                f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
@@ -235,6 +278,7 @@ class RVSModel(RobustModel):
         self.ot_weight = float(ot_weight)
         self.ot_on = ot_on
         self.clean_ce_weight = float(clean_ce_weight)
+        self.rvs_update = rvs_update
         self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
                                max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
         self.noise_dim = int(generator.input_shape[-1])
@@ -268,6 +312,7 @@ class RVSModel(RobustModel):
             generator=keras.saving.serialize_keras_object(self.generator),
             feature_layer=self.feature_layer, bound=self.bound, random_start=self.random_start,
             ot_weight=self.ot_weight, ot_on=self.ot_on, clean_ce_weight=self.clean_ce_weight,
+            rvs_update=self.rvs_update,
             **{f"ot_{key}": value for key, value in self.ot_options.items()})
         return config
 
@@ -316,31 +361,22 @@ class RVSModel(RobustModel):
     def transport_cost(self, clean, adversarial):
         return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
 
+    def classifier_loss(self, x, x_adv, y):
+        """(total, CE, OT, clean logits, adversarial logits) of the classifier's objective."""
+        targets = self.targets(y)
+        clean_logits, clean = self.heads(x)
+        logits, adversarial = self.heads(x_adv)
+        ce = self.cross_entropy(targets, logits)
+        ot = self.transport_cost(clean, adversarial)
+        loss = ce + self.ot_weight * ot
+        if self.clean_ce_weight:
+            loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits)
+        return self.regularised(loss), ce, ot, clean_logits, logits
+
     def train_step(self, data):
         x, y = self.unpack(data)
-        eps = self.current_eps()
-
-        with tf.GradientTape() as tape:  # generator: maximise the transport cost
-            _, clean = self.heads(x)
-            _, adversarial = self.heads(self.synthesize(x, eps, stream=0))
-            generator_ot = self.transport_cost(clean, adversarial)
-            generator_loss = self.gradient_loss(-generator_ot, self.generator_optimizer)
-        self.descend(tape, generator_loss, self.generator_optimizer, self.generator.trainable_variables)
-
-        x_adv = tf.stop_gradient(self.synthesize(x, eps, stream=2))
-        targets = self.targets(y)
-        with tf.GradientTape() as tape:  # classifier: fit the synthesised batch, pull features together
-            clean_logits, clean = self.heads(x)
-            logits, adversarial = self.heads(x_adv)
-            ce = self.cross_entropy(targets, logits)
-            ot = self.transport_cost(clean, adversarial)
-            loss = ce + self.ot_weight * ot
-            if self.clean_ce_weight:
-                loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits)
-            loss = self.regularised(loss)
-            classifier_loss = self.gradient_loss(loss, self.optimizer)
-        self.descend(tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
-
+        step = self.simultaneous_step if self.rvs_update == "simultaneous" else self.alternating_step
+        loss, ce, ot, generator_ot, clean_logits, logits = step(x, y, self.current_eps())
         self.loss_tracker.update_state(loss)
         self.ce_tracker.update_state(ce)
         self.ot_tracker.update_state(ot)
@@ -348,3 +384,36 @@ class RVSModel(RobustModel):
         self.accuracy_tracker.update_state(y, clean_logits)
         self.adv_accuracy_tracker.update_state(y, logits)
         return {m.name: m.result() for m in self.metrics if m is not self.pgd_accuracy_tracker}
+
+    def alternating_step(self, x, y, eps):
+        """The authors' update: a generator step, then a classifier step on a fresh z."""
+        generator_variables = self.generator.trainable_variables  # empty when frozen: no generator step
+        if generator_variables:
+            with tf.GradientTape() as tape:  # generator: maximise the transport cost
+                _, clean = self.heads(x)
+                _, adversarial = self.heads(self.synthesize(x, eps, stream=0))
+                generator_ot = self.transport_cost(clean, adversarial)
+                generator_loss = self.gradient_loss(-generator_ot, self.generator_optimizer)
+            self.descend(tape, generator_loss, self.generator_optimizer, generator_variables)
+        x_adv = tf.stop_gradient(self.synthesize(x, eps, stream=2))  # fresh z, the updated generator
+        with tf.GradientTape() as tape:  # classifier: fit the synthesised batch, pull features together
+            loss, ce, ot, clean_logits, logits = self.classifier_loss(x, x_adv, y)
+            classifier_loss = self.gradient_loss(loss, self.optimizer)
+        self.descend(tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
+        return loss, ce, ot, (generator_ot if generator_variables else ot), clean_logits, logits
+
+    def simultaneous_step(self, x, y, eps):
+        """Both players' gradients at the same point, from one forward pass, applied together."""
+        with tf.GradientTape(persistent=True) as tape:
+            loss, ce, ot, clean_logits, logits = self.classifier_loss(x, self.synthesize(x, eps, 0), y)
+            classifier_loss = self.gradient_loss(loss, self.optimizer)
+            generator_loss = self.gradient_loss(-ot, self.generator_optimizer)
+        classifier_variables = self.classifier.trainable_variables
+        generator_variables = self.generator.trainable_variables
+        classifier_grads = tape.gradient(classifier_loss, classifier_variables)
+        generator_grads = tape.gradient(generator_loss, generator_variables) if generator_variables else []
+        del tape
+        self.optimizer.apply_gradients(zip(classifier_grads, classifier_variables))
+        if generator_variables:
+            self.generator_optimizer.apply_gradients(zip(generator_grads, generator_variables))
+        return loss, ce, ot, ot, clean_logits, logits

@@ -175,3 +175,29 @@ def test_ot_term_matches_the_sinkhorn_module():
     a, b = tf.random.normal([8, 16]), tf.random.normal([8, 16])
     expected = sinkhorn.entropic_ot(a, b, epsilon=0.1, cost_scale="mean", max_iters=50)
     assert float(model.transport_cost(a, b)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_simultaneous_update_moves_both_players_from_one_point():
+    model = make_model(rvs_update="simultaneous")
+    x, y = tiny_data(32)
+    before_c = [v.numpy().copy() for v in model.classifier.trainable_variables]
+    before_g = [v.numpy().copy() for v in model.generator.trainable_variables]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["generator_ot"] == pytest.approx(logs["ot_loss"])  # one OT value serves both players
+    changed = lambda before, after: any(not np.allclose(b, a.numpy()) for b, a in zip(before, after))
+    assert changed(before_c, model.classifier.trainable_variables)
+    assert changed(before_g, model.generator.trainable_variables)
+    with pytest.raises(ValueError, match="rvs_update"):
+        make_model(rvs_update="sometimes")
+
+
+@pytest.mark.parametrize("update", ["alternating", "simultaneous"])
+def test_frozen_generator_never_changes(update):
+    model = make_model(rvs_update=update)
+    model.generator.trainable = False
+    frozen = [v.numpy().copy() for v in model.generator.weights]
+    x, y = tiny_data(32)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for before, after in zip(frozen, model.generator.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+    assert int(model.generator_optimizer.iterations) == 0
