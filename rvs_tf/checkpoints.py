@@ -12,6 +12,7 @@ so it always names files that are complete. Older epoch files are removed only a
 import json
 import math
 import os
+import time
 
 import keras
 
@@ -83,6 +84,14 @@ class RunCheckpoint(keras.callbacks.Callback):
             return self.state["epoch"]
         return None
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+        self._train_seconds = None
+
+    def on_test_begin(self, logs=None):  # validation starts: the epoch's training part is over
+        if getattr(self, "_epoch_started", None) is not None and self._train_seconds is None:
+            self._train_seconds = time.perf_counter() - self._epoch_started
+
     def _improved(self, value):
         best = self.state.get("best")
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -103,10 +112,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         self._save_weights(last)
         value = logs.get(self.monitor)
         value = None if value is None else float(value)
+        record = {k: float(v) for k, v in logs.items()}
+        if getattr(self, "_epoch_started", None) is not None:  # seconds of training, without validation
+            record["train_seconds"] = self._train_seconds or time.perf_counter() - self._epoch_started
         state = {"epoch": finished, "last": last, "best": self.state.get("best"),
                  "monitor": self.monitor, "mode": self.mode,
-                 "history": {**self.state.get("history", {}),
-                             str(finished): {k: float(v) for k, v in logs.items()}}}
+                 "history": {**self.state.get("history", {}), str(finished): record}}
         if self._improved(value):
             self._save_weights(BEST_FILE)
             state["best"] = {"epoch": finished, "value": value, "metric": self.monitor}

@@ -18,6 +18,7 @@ from rvs_tf.models import FEATURES_LAYER
 
 BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
+FEATURE_DISTANCES = ("sinkhorn", "paired_mse")
 RVS_UPDATES = ("alternating", "simultaneous")
 
 
@@ -101,6 +102,30 @@ class RobustModel(keras.Model):
     def metrics(self):
         return [self.loss_tracker, *self._extra_trackers(), self.accuracy_tracker,
                 self.adv_accuracy_tracker, self.pgd_accuracy_tracker]
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras reads a batch here to build what `compile` left unbuilt. Everything of ours is built in
+        `__init__` and `compile`, and under MultiWorkerMirroredStrategy that read fails ("Attempt to
+        convert a value (PerReplica...)": Keras passes the (x, y) tuple of per-replica batches to
+        `strategy.reduce`), so skip it when there is nothing to build."""
+        if (all(layer.built for layer in self._flatten_layers()) and self.optimizer.built
+                and getattr(self, "_compile_loss", None) is None
+                and getattr(self, "_compile_metrics", None) is None):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        """Under MultiWorkerMirroredStrategy Keras averages a step's outputs with
+        `strategy.reduce("MEAN", value, axis=0)`, which fails on scalars ("Invalid reduction dimension 0
+        for input with 0 dimensions"); hand it each scalar as a [1] vector, which that reduce averages
+        back to a scalar."""
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            step = step_function
+
+            def step_function(data):
+                return tf.nest.map_structure(
+                    lambda t: tf.reshape(t, [1]) if t.shape.rank == 0 else t, step(data))
+        return super()._make_function(step_function)
 
     def _get_metrics_result_or_logs(self, logs):
         """Epoch logs read from the metrics themselves for every name the step reported. Keras does this
@@ -221,7 +246,8 @@ class RVSModel(RobustModel):
         (eps * tanh(G(z)), gradients everywhere).
       ot_weight: lambda of the classifier loss. `ot_on`: "features" (authors) or "logits".
       ot_epsilon, ot_cost_scale, ot_max_iters, ot_gradient, ot_debiased: passed to
-        `rvs_tf.sinkhorn.entropic_ot` (see there).
+        `rvs_tf.sinkhorn.entropic_ot` (see there). `feature_distance`: "sinkhorn" (RVS) or "paired_mse"
+        (the ablation that replaces OT by the mean squared distance of paired features).
       label_smoothing: authors' 0.5 (true class keeps 1 - s). `clean_ce_weight`: an optional CE term on
         the clean batch (authors: 0). `random_start`: the uniform start of step 3 (authors: on).
       weight_decay: 2e-4 in the authors' recipe, on the classifier's kernels.
@@ -258,7 +284,7 @@ class RVSModel(RobustModel):
     def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, bound="clip",
                  random_start=True, ot_weight=1.0, ot_on="features", ot_epsilon=0.01, ot_cost_scale=None,
                  ot_max_iters=100, ot_gradient="implicit", ot_debiased=False, clean_ce_weight=0.0,
-                 label_smoothing=0.5, rvs_update="alternating", **kwargs):
+                 label_smoothing=0.5, rvs_update="alternating", feature_distance="sinkhorn", **kwargs):
         super().__init__(classifier, label_smoothing=label_smoothing, eps=eps, **kwargs)
         _check(isinstance(generator, keras.Model),
                f"generator: expected a keras.Model, got {type(generator).__name__}")
@@ -266,6 +292,8 @@ class RVSModel(RobustModel):
         _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
         _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
         _check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
+        _check(feature_distance in FEATURE_DISTANCES,
+               f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
         _check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
         image_shape = tuple(classifier.input_shape[1:])
         _check(tuple(generator.output_shape[1:]) == image_shape,
@@ -279,6 +307,7 @@ class RVSModel(RobustModel):
         self.ot_on = ot_on
         self.clean_ce_weight = float(clean_ce_weight)
         self.rvs_update = rvs_update
+        self.feature_distance = feature_distance
         self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
                                max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
         self.noise_dim = int(generator.input_shape[-1])
@@ -312,7 +341,7 @@ class RVSModel(RobustModel):
             generator=keras.saving.serialize_keras_object(self.generator),
             feature_layer=self.feature_layer, bound=self.bound, random_start=self.random_start,
             ot_weight=self.ot_weight, ot_on=self.ot_on, clean_ce_weight=self.clean_ce_weight,
-            rvs_update=self.rvs_update,
+            rvs_update=self.rvs_update, feature_distance=self.feature_distance,
             **{f"ot_{key}": value for key, value in self.ot_options.items()})
         return config
 
@@ -359,6 +388,10 @@ class RVSModel(RobustModel):
         return logits, (logits if self.ot_on == "logits" else tf.cast(features, tf.float32))
 
     def transport_cost(self, clean, adversarial):
+        """The feature distance both players use: entropic OT between the two batches (RVS), or the
+        ablation control "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i)."""
+        if self.feature_distance == "paired_mse":
+            return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
         return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
 
     def classifier_loss(self, x, x_adv, y):

@@ -58,6 +58,13 @@ flags.DEFINE_integer("ot_max_iters", 100, "Sinkhorn iteration cap.", lower_bound
 flags.DEFINE_enum("ot_gradient", "implicit", ["implicit", "unrolled"], "Sinkhorn gradient mode.")
 flags.DEFINE_bool("ot_debiased", False, "Use the debiased Sinkhorn divergence.")
 flags.DEFINE_float("clean_ce_weight", 0.0, "Weight of a clean cross-entropy term.", lower_bound=0.0)
+flags.DEFINE_enum("rvs_update", "alternating", ["alternating", "simultaneous"],
+                  "alternating: the authors' generator step then classifier step; simultaneous: both "
+                  "players' gradients from one forward pass (cheaper; see RVSModel).")
+flags.DEFINE_enum("feature_distance", "sinkhorn", ["sinkhorn", "paired_mse"],
+                  "The feature term: entropic OT (RVS) or paired mean squared distance (ablation).")
+flags.DEFINE_bool("freeze_generator", False, "Keep the generator at its random initialisation (ablation: "
+                  "bounded noise of the same form, no synthesis).")
 flags.DEFINE_integer("eps_warmup_epochs", 0, "Epochs over which eps ramps up from 0.", lower_bound=0)
 # Optimisation.
 flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Classifier optimizer.")
@@ -83,11 +90,13 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (measured slower on CPU).")
 
 # Flags that define a run: resuming with different values would mix two experiments.
-RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_ratio", "dataset", "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim",
-             "eps", "bound", "random_start", "label_smoothing", "ot_weight", "ot_on", "ot_epsilon",
-             "ot_cost_scale", "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight",
-             "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor", "momentum", "weight_decay",
-             "generator_optimizer", "generator_lr", "seed", "steps_per_epoch", "eps_warmup_epochs")
+RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_ratio", "dataset",
+             "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim", "eps", "bound",
+             "random_start", "label_smoothing", "ot_weight", "ot_on", "ot_epsilon", "ot_cost_scale",
+             "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight", "rvs_update",
+             "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
+             "momentum", "weight_decay", "generator_optimizer", "generator_lr", "seed", "steps_per_epoch",
+             "eps_warmup_epochs")
 
 
 def parse_cost_scale(value):
@@ -171,12 +180,14 @@ def build_model(info, steps_per_epoch):
         return model
     feature_width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
     generator = models.make_generator(FLAGS.noise_dim or feature_width, info.image_shape)
+    generator.trainable = not FLAGS.freeze_generator
     model = RVSModel(
         classifier, generator, bound=FLAGS.bound, random_start=FLAGS.random_start,
         ot_weight=FLAGS.ot_weight, ot_on=FLAGS.ot_on, ot_epsilon=FLAGS.ot_epsilon,
         ot_cost_scale=parse_cost_scale(FLAGS.ot_cost_scale), ot_max_iters=FLAGS.ot_max_iters,
         ot_gradient=FLAGS.ot_gradient, ot_debiased=FLAGS.ot_debiased,
-        clean_ce_weight=FLAGS.clean_ce_weight, **common)
+        clean_ce_weight=FLAGS.clean_ce_weight, rvs_update=FLAGS.rvs_update,
+        feature_distance=FLAGS.feature_distance, **common)
     model.compile(classifier_optimizer=_optimizer(FLAGS.optimizer, _classifier_lr(steps_per_epoch)),
                   generator_optimizer=_optimizer(FLAGS.generator_optimizer, FLAGS.generator_lr),
                   jit_compile=FLAGS.jit_compile)

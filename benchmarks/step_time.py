@@ -1,0 +1,150 @@
+"""Train-step time of every method against natural training, in one process, after warm-up.
+
+  python benchmarks/step_time.py                 # small CNN (28x28, batch 128), PreAct-ResNet-18 (32x32, 32)
+  python benchmarks/step_time.py --quick         # fewer rounds (a smoke run)
+  python benchmarks/step_time.py --jit           # also each method with jit_compile=True
+
+Steps of all methods are timed round-robin (one step of each per round, medians over rounds), so machine
+noise hits them alike; figures are ratios to the natural step of the same model and batch. The share of an
+RVS step spent in the OT terms and in the generator is measured by timing those pieces alone (forward and
+backward, at the step's shapes). Goals (issues 6 and 9) are checked and a missed goal says what dominates.
+"""
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from rvs_tf import baselines, models, sinkhorn  # noqa: E402
+from rvs_tf.training import RVSModel  # noqa: E402
+
+METHODS = ("natural", "fgsm_rs", "pgd10", "trades", "rvs_alternating", "rvs_simultaneous")
+GOALS = {  # (model, method): the largest ratio to natural allowed, and to PGD-10
+    ("small_cnn", "rvs_simultaneous"): (3.0, 0.30),
+    ("small_cnn", "rvs_alternating"): (3.0, 0.35),
+    ("preact_resnet18", "rvs_simultaneous"): (2.5, 0.30),
+    ("preact_resnet18", "rvs_alternating"): (3.5, 0.45),
+}
+
+
+def build(method, arch, shape, jit):
+    keras.utils.set_random_seed(0)
+    classifier = models.build_classifier(arch, shape, 10)
+    common = dict(eps=8 / 255 if shape[-1] == 3 else 0.1)
+    if method.startswith("rvs"):
+        width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
+        model = RVSModel(classifier, models.make_generator(width, shape), rvs_update=method.split("_")[1],
+                         **common)
+        model.compile(classifier_optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                      generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit)
+        return model
+    cls = {"natural": baselines.NaturalModel, "fgsm_rs": baselines.FGSMRSModel,
+           "pgd10": baselines.PGDATModel, "trades": baselines.TRADESModel}[method]
+    model = cls(classifier, **common)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit)
+    return model
+
+
+def time_steps(models_by_name, x, y, rounds):
+    for model in models_by_name.values():  # warm-up: tracing and the first steps
+        for _ in range(2):
+            model.train_on_batch(x, y)
+    times = {name: [] for name in models_by_name}
+    for _ in range(rounds):
+        for name, model in models_by_name.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def piece_times(rvs, x, rounds):
+    """Seconds of (two OT value+gradient solves, generator forward+backward) at the RVS step's shapes."""
+    _, features = rvs.heads(x)
+    clean, adversarial = tf.constant(features.numpy()), tf.constant(features.numpy() + 0.1)
+    z = tf.random.normal([x.shape[0], rvs.noise_dim])
+
+    @tf.function
+    def ot_twice(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            cost = rvs.transport_cost(a, b)
+        return cost, tape.gradient(cost, [a, b])
+
+    @tf.function
+    def generator_pass(noise):
+        with tf.GradientTape() as tape:
+            delta = rvs.generator(noise, training=True)
+            total = tf.reduce_sum(delta)
+        return tape.gradient(total, rvs.generator.trainable_variables)
+
+    def median_time(fn, *args):
+        fn(*args)
+        values = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+            values.append(time.perf_counter() - start)
+        return statistics.median(values)
+
+    return 2 * median_time(ot_twice, clean, adversarial), median_time(generator_pass, z)
+
+
+def run(arch, shape, batch, rounds, jit):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(size=(batch, *shape)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, batch))
+    built = {m: build(m, arch, shape, jit=False) for m in METHODS}
+    if jit:
+        built.update({f"{m}+xla": build(m, arch, shape, jit=True) for m in METHODS})
+    seconds = time_steps(built, x, y, rounds)
+    ot, generator = piece_times(built["rvs_alternating"], x, rounds)
+    return seconds, ot, generator
+
+
+def report(arch, shape, batch, seconds, ot, generator):
+    natural, pgd = seconds["natural"], seconds["pgd10"]
+    lines = [f"\n### {arch}, input {'x'.join(map(str, shape))}, batch {batch}\n",
+             "| method | ms/step | x natural | x PGD-10 | goal |", "|---|---|---|---|---|"]
+    notes = []
+    for name, value in seconds.items():
+        base = name.replace("+xla", "")
+        goal = GOALS.get((arch, base)) if "+xla" not in name else None
+        verdict = ""
+        if goal:
+            ok = value / natural <= goal[0] and value / pgd < goal[1]
+            verdict = f"<= {goal[0]}x natural, < {goal[1]}x PGD-10: {'met' if ok else 'MISSED'}"
+            if not ok:
+                notes.append(f"{name}: {value / natural:.2f}x natural; of its step, the two OT solves take "
+                             f"{100 * 2 * ot / value:.0f}% (one per player step), the generator's forward and "
+                             f"backward {100 * generator / value:.0f}%, the rest is classifier passes "
+                             f"({100 * (1 - (2 * ot + generator) / value):.0f}%).")
+        lines.append(f"| {name} | {1000 * value:.1f} | {value / natural:.2f} | {value / pgd:.2f} | {verdict} |")
+    step = seconds["rvs_alternating"]
+    lines.append(f"\nShare of an alternating RVS step: OT terms (2 solves, value+gradient) "
+                 f"{100 * 2 * ot / step:.1f}%, generator forward+backward {100 * generator / step:.1f}%.")
+    return "\n".join(lines + [""] + notes)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--jit", action="store_true", help="also time each method with jit_compile=True")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    rounds = args.rounds or (3 if args.quick else 10)
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices "
+          f"{[d.device_type for d in tf.config.list_physical_devices()]}, {rounds} rounds")
+    for arch, shape, batch, arch_rounds in (("small_cnn", (28, 28, 1), 128, rounds),
+                                            ("preact_resnet18", (32, 32, 3), 32, max(2, rounds // 2))):
+        seconds, ot, generator = run(arch, shape, batch, arch_rounds, args.jit)
+        print(report(arch, shape, batch, seconds, ot, generator), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""L-inf evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square.
+
+Every attack takes `model`, any callable mapping float32 images in [0, 1] ([B, ...]) to logits [B, K]: a
+Keras model (called with `training=False`), a SavedModel signature wrapper, or a plain function; a dict
+output is read at its "logits" key. Logits are cast to float32, so mixed-precision models are attacked in
+full precision. Each attack returns `x_adv` with the shape of `x`, inside the eps-ball around `x` and
+inside [0, 1], and keeps, per example, the strongest point it visited (misclassified first, then highest
+loss), so more steps or restarts never make it weaker.
+
+All loops are `tf.while_loop`s with no Python side effects, so the functions trace inside a caller's
+`tf.function` (e.g. a `test_step`) and run eagerly too. `eps` may be a Python number or a scalar tensor,
+so one trace serves every eps. `seed` is None (op-level randomness, fresh on every call), an int, or an
+int tensor of shape [2] (stateless and reproducible; `rvs_tf.evaluate` passes one per batch).
+
+Why this set (see DESIGN.md section 2): PGD with cross-entropy is what the literature reports but is
+fooled by saturated softmax and masked gradients; APGD (Croce & Hein 2020) removes the step-size tuning
+and its targeted DLR loss is invariant to logit scaling; Square (Andriushchenko et al. 2020) uses no
+gradient at all, so it sees through gradient masking.
+"""
+import math
+import numbers
+
+import keras
+import tensorflow as tf
+
+__all__ = ["model_logits", "LOSSES", "fgsm", "pgd", "apgd", "apgd_checkpoints", "square"]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def model_logits(model, x):
+    """float32 logits of `model` at `x`; Keras models run in inference mode (BatchNorm, dropout off)."""
+    out = model(x, training=False) if isinstance(model, keras.Layer) else model(x)
+    if isinstance(out, dict):
+        if "logits" not in out:
+            raise ValueError(f"model returned a dict without a 'logits' key (keys: {sorted(out)}); "
+                             "expected logits [B, K] or a dict with 'logits'")
+        out = out["logits"]
+    return tf.cast(out, tf.float32)
+
+
+def _check_eps(eps):
+    if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0 (L-inf radius in [0, 1] pixel units), "
+                             f"got {eps!r}")
+    elif not (tf.is_tensor(eps) and eps.shape.rank == 0):
+        raise ValueError(f"eps must be a number or a scalar tensor, got {eps!r}")
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _inputs(x, y):
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        raise ValueError(f"x must be float images in [0, 1], got dtype {x.dtype.name}")
+    x = tf.cast(x, tf.float32)
+    y = tf.convert_to_tensor(y)
+    if not y.dtype.is_integer:
+        raise ValueError(f"y must be integer class labels, got dtype {y.dtype.name}")
+    if x.shape.rank is None or x.shape.rank < 2:
+        raise ValueError(f"x must be a batch [B, ...] of images, got shape {x.shape}")
+    if y.shape.rank is not None and y.shape.rank != 1:
+        raise ValueError(f"y must be a vector [B] of class indices, got shape {y.shape}")
+    return x, tf.cast(y, tf.int32)
+
+
+def _ball(x, eps):
+    """Bounds of the eps-ball around x intersected with [0, 1]: projection is one clip."""
+    eps = tf.cast(eps, tf.float32)
+    return tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
+
+
+def _uniform(shape, low, high, seed, salt):
+    if seed is None:
+        return tf.random.uniform(shape, low, high)
+    base = tf.cast(tf.stack([seed, 0]) if isinstance(seed, numbers.Integral) else seed, tf.int64)
+    if base.shape != (2,):
+        raise ValueError(f"seed must be None, an int or an int tensor of shape [2], got {seed!r}")
+    key = tf.random.experimental.stateless_fold_in(base, tf.cast(salt, tf.int64))
+    return tf.random.stateless_uniform(shape, key, low, high)
+
+
+def _per_example(mask, x):
+    """Reshape a [B] mask or vector so it broadcasts against x [B, ...]."""
+    return tf.reshape(mask, [-1] + [1] * (x.shape.rank - 1))
+
+
+def _keep_best(best_x, best_score, best_wrong, x, score, wrong):
+    """Per example, keep the candidate that is misclassified, or else has the higher loss."""
+    better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (score > best_score))
+    return (tf.where(_per_example(better, x), x, best_x), tf.where(better, score, best_score),
+            best_wrong | wrong)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _true_logit(logits, y):
+    return tf.gather(logits, y, axis=1, batch_dims=1)
+
+
+def _top_other(logits, y):
+    """Largest logit among the classes other than y."""
+    is_y = tf.one_hot(y, tf.shape(logits)[-1], on_value=True, off_value=False)
+    return tf.reduce_max(tf.where(is_y, tf.float32.min, logits), axis=-1)
+
+
+def ce_loss(logits, y, target=None):
+    """Cross-entropy of the true class (to raise), or minus that of `target` (targeted)."""
+    if target is None:
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+    return -tf.nn.sparse_softmax_cross_entropy_with_logits(target, logits)
+
+
+def margin_loss(logits, y, target=None):
+    """CW margin: best other (or target) logit minus the true one; > 0 means misclassified."""
+    other = _top_other(logits, y) if target is None else _true_logit(logits, target)
+    return other - _true_logit(logits, y)
+
+
+def dlr_loss(logits, y, target=None):
+    """Difference of logits ratio (Croce & Hein 2020): the margin divided by a logit spread, so it does not
+    change when the logits are scaled (the usual way softmax saturation hides gradients)."""
+    z = tf.sort(logits, axis=-1, direction="DESCENDING")
+    if target is None:
+        return margin_loss(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
+    return margin_loss(logits, y, target) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
+
+
+LOSSES = {"ce": ce_loss, "margin": margin_loss, "cw": margin_loss, "dlr": dlr_loss}
+
+
+def _loss_fn(loss):
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    return LOSSES[loss]
+
+
+def _evaluate(model, x, y, loss_fn, target=None, grad=True):
+    """(per-example loss, d loss / d x or None, misclassified?) at x."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = model_logits(model, x)
+        loss = loss_fn(logits, y, target)
+    g = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO) if grad else None
+    wrong = tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+    return loss, g, wrong
+
+
+# ----------------------------------------------------------------------------------------------- attacks
+# The loops are explicit tf.while_loop/tf.cond, so AutoGraph has nothing to convert (and warns if it tries).
+_graph_ready = tf.autograph.experimental.do_not_convert
+
+
+@_graph_ready
+def fgsm(model, x, y, *, eps):
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps on the cross-entropy."""
+    _check_eps(eps)
+    x, y = _inputs(x, y)
+    lo, hi = _ball(x, eps)
+    _, g, _ = _evaluate(model, x, y, ce_loss)
+    return tf.clip_by_value(x + tf.cast(eps, tf.float32) * tf.sign(g), lo, hi)
+
+
+@_graph_ready
+def pgd(model, x, y, *, eps, steps=10, step_size=None, restarts=1, loss="ce", random_start=True,
+        seed=None):
+    """Projected gradient (sign) ascent (Madry et al. 2018), L-inf.
+
+    step_size None is 2.5 * eps / steps (enough to cross the ball from a random start). loss "ce" or
+    "margin"/"cw" (Carlini-Wagner margin, immune to softmax saturation) or "dlr". Returns, per example,
+    the worst point over all steps and restarts (a misclassified one if any).
+    """
+    _check_eps(eps)
+    _check_int("steps", steps, 1)
+    _check_int("restarts", restarts, 1)
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 needs random_start=True (otherwise every restart is the same)")
+    loss_fn = _loss_fn(loss)
+    x, y = _inputs(x, y)
+    lo, hi = _ball(x, eps)
+    alpha = tf.cast(2.5 * eps / steps if step_size is None else step_size, tf.float32)
+    best = (x, tf.fill(tf.shape(y), -math.inf), tf.zeros_like(y, tf.bool))
+    for r in range(restarts):
+        noise = _uniform(tf.shape(x), -1.0, 1.0, seed, r) * tf.cast(eps, tf.float32)
+        start = x + noise if random_start else x
+
+        def body(i, xa, bx, bs, bw):
+            score, g, wrong = _evaluate(model, xa, y, loss_fn)
+            bx, bs, bw = _keep_best(bx, bs, bw, xa, score, wrong)
+            return i + 1, tf.clip_by_value(xa + alpha * tf.sign(g), lo, hi), bx, bs, bw
+
+        _, xa, *best = tf.while_loop(lambda i, *_: i < steps, body,
+                                     (tf.constant(0), tf.clip_by_value(start, lo, hi), *best))
+        score, _, wrong = _evaluate(model, xa, y, loss_fn, grad=False)
+        best = _keep_best(*best, xa, score, wrong)
+    return best[0]
+
+
+def apgd_checkpoints(steps):
+    """Iterations at which APGD may halve its step: w_j = ceil(p_j * steps) with p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (Croce & Hein 2020, section 3.2)."""
+    _check_int("steps", steps, 1)
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({min(math.ceil(v * steps - 1e-9), steps) for v in p[1:]} - {0})
+
+
+def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
+    """One APGD run (Croce & Hein 2020, Algorithm 1) with per-example step sizes."""
+    lo, hi = _ball(x, eps)
+    eps = tf.cast(eps, tf.float32)
+    u = _uniform(tf.shape(x), -1.0, 1.0, seed, 0)
+    u_max = tf.reduce_max(tf.abs(u), axis=list(range(1, x.shape.rank)), keepdims=True)
+    x0 = tf.clip_by_value(x + eps * u / tf.maximum(u_max, 1e-12), lo, hi)
+    l0, g0, w0 = _evaluate(model, x0, y, loss_fn, target)
+    interval = [0] * (steps + 1)  # interval[w_j] = w_j - w_{j-1}, 0 elsewhere
+    previous = 0
+    for w in apgd_checkpoints(steps):
+        interval[w], previous = w - previous, w
+    interval = tf.constant(interval, tf.float32)
+
+    def body(k, xc, xp, gc, lc, xm, gm, fm, eta, n_up, fm_ck, red_ck, bx, bs, bw):
+        a = tf.where(k == 0, 1.0, 0.75)  # no momentum on the first step
+        z = tf.clip_by_value(xc + eta * tf.sign(gc), lo, hi)
+        xn = tf.clip_by_value(xc + a * (z - xc) + (1.0 - a) * (xc - xp), lo, hi)
+        ln, gn, wn = _evaluate(model, xn, y, loss_fn, target)
+        bx, bs, bw = _keep_best(bx, bs, bw, xn, ln, wn)
+        n_up += tf.cast(ln > lc, tf.float32)
+        up = _per_example(ln > fm, xn)
+        xm, gm, fm = tf.where(up, xn, xm), tf.where(up, gn, gm), tf.maximum(ln, fm)
+        length = interval[k + 1]
+        at_ck = length > 0
+        # At a checkpoint, halve the step where too few steps raised the loss since the last one, or
+        # where neither the step nor the best loss changed; those examples restart from their best
+        # point with zero momentum.
+        halve = at_ck & ((n_up < rho * length) | (~red_ck & (fm <= fm_ck)))
+        h = _per_example(halve, xn)
+        return (k + 1, tf.where(h, xm, xn), tf.where(h, xm, xc), tf.where(h, gm, gn),
+                tf.where(halve, fm, ln), xm, gm, fm, tf.where(h, eta / 2.0, eta),
+                tf.where(at_ck, 0.0, n_up), tf.where(at_ck, fm, fm_ck), tf.where(at_ck, halve, red_ck),
+                bx, bs, bw)
+
+    eta = tf.fill(tf.shape(l0), 2.0 * eps)
+    eta = _per_example(eta, x)
+    zeros = tf.zeros_like(l0)
+    state = (tf.constant(0), x0, x0, g0, l0, x0, g0, l0, eta, zeros, l0, tf.zeros_like(w0), x0, l0, w0)
+    state = tf.while_loop(lambda k, *_: k < steps, body, state)
+    return state[-3], state[-1]
+
+
+@_graph_ready
+def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, num_targets=9, seed=None,
+         rho=0.75):
+    """Auto-PGD (Croce & Hein 2020): momentum 0.75, step 2*eps halved at checkpoints, restart from best.
+
+    loss "ce" (APGD-CE) or "dlr" (APGD-DLR); with targeted=True each of the `num_targets` classes with the
+    highest clean logits other than the true one is tried in turn (APGD-T; num_targets is capped at K-1),
+    `restarts` runs per target. Later runs only attack examples no earlier run has broken (cascade).
+    """
+    _check_eps(eps)
+    _check_int("steps", steps, 1)
+    _check_int("restarts", restarts, 1)
+    _check_int("num_targets", num_targets, 1)
+    if not 0.0 < rho < 1.0:
+        raise ValueError(f"rho must be in (0, 1), got {rho!r}")
+    loss_fn = _loss_fn(loss)
+    x, y = _inputs(x, y)
+    logits = model_logits(model, x)
+    ranked, num_runs = None, restarts
+    if targeted:
+        k = logits.shape[-1]
+        if k is None or k < 4:
+            raise ValueError(f"targeted APGD needs at least 4 classes (DLR-targeted), "
+                             f"got logits {logits.shape}")
+        is_y = tf.one_hot(y, k, on_value=True, off_value=False)
+        ranked = tf.argsort(tf.where(is_y, tf.float32.min, logits), axis=-1, direction="DESCENDING",
+                            stable=True)
+        num_runs = min(num_targets, k - 1) * restarts
+    base_seed = None if seed is None else tf.cast(
+        tf.stack([seed, 0]) if isinstance(seed, numbers.Integral) else seed, tf.int64)
+
+    def one_run(j, best_x, best_wrong):
+        """Run j (target j // restarts) on the examples no earlier run has broken."""
+        idx = tf.where(~best_wrong)[:, 0]
+        xs, ys = tf.gather(x, idx), tf.gather(y, idx)
+        ts = None if ranked is None else tf.gather(ranked[:, j // restarts], idx)
+        run_seed = None if seed is None else tf.random.experimental.stateless_fold_in(base_seed, j)
+        # Keras layers such as Flatten cannot take an empty batch, so skip a run with nothing left.
+        xr, wrong = tf.cond(tf.size(idx) > 0,
+                            lambda: _apgd_run(model, xs, ys, ts, eps, steps, loss_fn, rho, run_seed),
+                            lambda: (xs, tf.zeros_like(ys, tf.bool)))
+        # Examples this run broke take its point; robust ones keep the clean point.
+        best_x = tf.tensor_scatter_nd_update(best_x, idx[:, None], tf.where(_per_example(wrong, xr), xr, xs))
+        return j + 1, best_x, tf.tensor_scatter_nd_update(best_wrong, idx[:, None], wrong)
+
+    # One traced body for every target and restart keeps the graph (and its tracing time) small.
+    _, best_x, _ = tf.while_loop(
+        lambda j, *_: j < num_runs, one_run,
+        (tf.constant(0), x, tf.not_equal(tf.argmax(logits, -1, output_type=tf.int32), y)))
+    return best_x
+
+
+_P_HALVING = tf.constant([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000], tf.int32)
+
+
+@_graph_ready
+def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
+    """Square attack (Andriushchenko et al. 2020), L-inf, untargeted, gradient-free.
+
+    Starts from random vertical stripes of +-eps, then proposes a random square window set to +-eps (one
+    sign per channel), kept if it lowers the margin z_y - max_{j!=y} z_j. The window covers a fraction p of
+    the image, p_init halved at query 10, 50, 200, 500, 1k, 2k, 4k, 6k, 8k (rescaled to a 10k budget).
+    Only examples still classified correctly are queried; `queries` counts model calls per example.
+    """
+    _check_eps(eps)
+    _check_int("queries", queries, 1)
+    if not 0.0 < p_init <= 1.0:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    x, y = _inputs(x, y)
+    if x.shape.rank != 4 or x.shape[1] is None or x.shape[2] is None or x.shape[3] is None:
+        raise ValueError(f"square needs images [B, H, W, C] with static H, W, C, got shape {x.shape}")
+    _, height, width, channels = x.shape
+    if min(height, width) < 2:
+        raise ValueError(f"square needs images of at least 2x2 pixels, got shape {x.shape}")
+    lo, hi = _ball(x, eps)
+    eps = tf.cast(eps, tf.float32)
+
+    def margin(xa, ya):
+        return -margin_loss(model_logits(model, xa), ya)
+
+    stripes = tf.where(_uniform(tf.stack([tf.shape(x)[0], 1, width, channels]), 0.0, 1.0, seed, 0) < 0.5,
+                       -eps, eps)
+    x_best = tf.clip_by_value(x + stripes, lo, hi)
+    m_best = margin(x_best, y)
+
+    def body(i, x_best, m_best):
+        idx = tf.where(m_best > 0)[:, 0]
+        n = tf.shape(idx)[0]
+        xs, xb, ys = tf.gather(x, idx), tf.gather(x_best, idx), tf.gather(y, idx)
+        los, his = tf.gather(lo, idx), tf.gather(hi, idx)
+        halvings = tf.reduce_sum(tf.cast(i * 10000 // queries > _P_HALVING, tf.float32))
+        p = p_init / 2.0 ** halvings
+        s = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(p * height * width)), tf.int32), 1,
+                             min(height, width) - 1)
+        u = _uniform(tf.stack([n, 2 + channels]), 0.0, 1.0, seed, i)
+        top = tf.cast(u[:, 0] * tf.cast(height - s + 1, tf.float32), tf.int32)
+        left = tf.cast(u[:, 1] * tf.cast(width - s + 1, tf.float32), tf.int32)
+        rows, cols = tf.range(height)[None, :], tf.range(width)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + s)
+        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + s)
+        window = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+        step = tf.where(u[:, 2:] < 0.5, -eps, eps)[:, None, None, :]
+        # A proposal equal to the current window wastes a query: flip its signs instead.
+        unchanged = tf.reduce_all(~window | (tf.abs(tf.clip_by_value(xs + step, los, his) - xb) < 1e-7),
+                                  axis=[1, 2, 3])
+        step = tf.where(unchanged[:, None, None, None], -step, step)
+        x_new = tf.where(window, tf.clip_by_value(xs + step, los, his), xb)
+        m_new = margin(x_new, ys)
+        better = m_new < tf.gather(m_best, idx)
+        x_best = tf.tensor_scatter_nd_update(x_best, idx[:, None],
+                                             tf.where(better[:, None, None, None], x_new, xb))
+        m_best = tf.tensor_scatter_nd_update(m_best, idx[:, None],
+                                             tf.where(better, m_new, tf.gather(m_best, idx)))
+        return i + 1, x_best, m_best
+
+    _, x_best, _ = tf.while_loop(lambda i, _, m: (i < queries) & tf.reduce_any(m > 0), body,
+                                 (tf.constant(1), x_best, m_best))
+    return x_best

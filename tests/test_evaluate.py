@@ -1,0 +1,173 @@
+"""Robustness report: Clopper-Pearson against scipy, the ensemble against a gradient-masked model, a natural
+Fashion-MNIST model at eps 0.3, SavedModel loading and the rvs-evaluate CLI."""
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from scipy import stats
+
+from rvs_tf import evaluate
+from rvs_tf.data import DEFAULT_IDX_DIR, load_idx_arrays
+from rvs_tf.evaluate import attack_spec
+
+FAST = [attack_spec("FGSM", "fgsm"), attack_spec("PGD-20", "pgd", steps=20),
+        attack_spec("APGD-CE", "apgd", steps=20, loss="ce"),
+        attack_spec("APGD-T", "apgd", steps=20, loss="dlr", targeted=True, num_targets=3),
+        attack_spec("Square", "square", white_box=False, queries=300)]
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (10, 10), (480, 1000), (1, 7)])
+def test_clopper_pearson_matches_scipy(k, n):
+    lo, hi = evaluate.clopper_pearson(k, n)
+    ref = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    np.testing.assert_allclose([lo, hi], [ref.low, ref.high], rtol=1e-4, atol=1e-7)
+    if k == 0:  # closed form: 1 - (alpha / 2) ** (1 / n)
+        np.testing.assert_allclose(hi, 1 - 0.025 ** (1 / n), rtol=1e-5)
+    with pytest.raises(ValueError, match="successes"):
+        evaluate.clopper_pearson(n + 1, n)
+
+
+class Quantised(keras.Model):
+    """A linear classifier behind input quantisation: the gradient is 0 everywhere (masked)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = tf.constant(w, tf.float32)
+
+    def call(self, x, training=False):
+        q = tf.round(x * 64.0) / 64.0
+        return tf.reshape(q, [tf.shape(x)[0], -1]) @ self.w
+
+
+def test_ensemble_catches_gradient_masking_and_writes_the_report(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 10))
+    x = rng.uniform(0.2, 0.8, size=(48, 8, 8, 1)).astype(np.float32)
+    model = Quantised(w)
+    y = np.argmax(model(x), -1)
+    report = evaluate.robustness_report(model, (x, y), eps=0.03, attacks=FAST, batch_size=32,
+                                        sweep_examples=16, sweep_eps=[0.015, 0.03, 0.5],
+                                        output_dir=str(tmp_path), progress=False)
+    rows = {r["name"]: r for r in report["attacks"]}
+    assert report["clean"]["accuracy"] == 1.0
+    worst = report["worst_case"]
+    # PGD-CE overstates robustness; the gradient-free attack in the ensemble brings it down.
+    assert rows["PGD-20"]["accuracy"] >= worst["accuracy"] + 0.3
+    assert worst["accuracy"] <= min(r["accuracy"] for r in report["attacks"])
+    assert worst["ci95"][0] <= worst["accuracy"] <= worst["ci95"][1]
+    checks = {c["name"]: c for c in report["sanity_checks"]}
+    assert checks["white_box_at_least_as_strong_as_gradient_free"]["passed"] is False
+    assert "gradient masking" in checks["white_box_at_least_as_strong_as_gradient_free"]["detail"]
+    assert rows["Square"]["newly_broken"] > 0 and rows["Square"]["accuracy_kind"].startswith("cumulative")
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    md = (tmp_path / "report.md").read_text()
+    assert "Worst case over FGSM, PGD-20, APGD-CE, APGD-T, Square" in md and "| FAIL |" in md
+    for png in ("accuracy_vs_eps.png", "examples.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def natural():
+    """A small CNN trained naturally for a few hundred steps on a Fashion-MNIST subset."""
+    if not os.path.isdir(DEFAULT_IDX_DIR):
+        pytest.skip(f"offline Fashion-MNIST IDX files not in {DEFAULT_IDX_DIR}")
+    from rvs_tf.models import small_cnn
+
+    keras.utils.set_random_seed(0)
+    x, y = load_idx_arrays(DEFAULT_IDX_DIR, "train")
+    model = small_cnn(widths=(8, 16), feature_dim=32)
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(x[:9600], y[:9600], batch_size=64, epochs=2, verbose=0)
+    xt, yt = load_idx_arrays(DEFAULT_IDX_DIR, "test")
+    return model, xt[:200], yt[:200]
+
+
+def test_natural_model_breaks_at_eps_0_3_and_passes_the_checks(natural):
+    model, x, y = natural
+    report = evaluate.robustness_report(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(100), eps=0.3,
+                                        attacks=FAST, batch_size=100, sweep_examples=40,
+                                        sweep_eps=[0.02, 0.1, 0.5],
+                                        progress=False)
+    assert report["clean"]["accuracy"] >= 0.7
+    rows = {r["name"]: r for r in report["attacks"]}
+    assert rows["PGD-20"]["accuracy"] <= 0.02 and report["worst_case"]["accuracy"] <= 0.01
+    assert [c["passed"] for c in report["sanity_checks"]] == [True] * 4, report["sanity_checks"]
+    curve = report["eps_sweep"]["worst_case"]
+    assert curve[0] > curve[1] > curve[-1] == 0.0
+
+
+def export(model, directory, metadata):
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(images):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "classes": tf.argmax(logits, -1)}
+
+    archive.add_endpoint("serving_default", serve,
+                         input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")])
+    archive.write_out(str(directory), verbose=False)
+    os.makedirs(directory / "assets.extra")
+    (directory / "assets.extra" / "rvs_metadata.json").write_text(json.dumps(metadata))
+
+
+def test_savedmodel_and_cli(natural, tmp_path, capsys):
+    model, x, y = natural
+    names = [f"class{i}" for i in range(10)]
+    export(model, tmp_path / "tiny" / "1", {"dataset": "nonexistent", "eps": 0.5})
+    export(model, tmp_path / "tiny" / "2", {"dataset": "fashion_mnist_idx", "image_shape": [28, 28, 1],
+                                            "num_classes": 10, "class_names": names, "eps": 0.05})
+    assert evaluate.resolve_model_path(tmp_path / "tiny") == (str(tmp_path / "tiny" / "2"), 2)
+    assert evaluate.default_output_dir(str(tmp_path / "tiny")) == str(tmp_path / "tiny" / "eval_2")
+    from_keras = evaluate.robustness_report(model, (x[:50], y[:50]), eps=0.05, attacks="pgd20",
+                                            sweep_examples=0, progress=False, seed=1)
+    from_saved = evaluate.robustness_report(str(tmp_path / "tiny"), (x[:50], y[:50]), eps=0.05,
+                                            attacks="pgd20", sweep_examples=0, progress=False, seed=1)
+    assert from_saved["clean"] == from_keras["clean"] and from_saved["class_names"] == names
+    assert abs(from_saved["worst_case"]["accuracy"] - from_keras["worst_case"]["accuracy"]) <= 0.04
+
+    from rvs_tf.cli import evaluate as cli
+
+    try:
+        cli.FLAGS(["rvs-evaluate", f"--model={tmp_path / 'tiny'}", "--attacks=pgd20", "--num_examples=40",
+                   "--sweep_examples=0", "--batch_size=20", "--noprogress"])
+        report = cli.main(["rvs-evaluate"])
+    finally:
+        cli.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert ("PGD-20 (20 steps, 1 restart(s), loss=ce, step=2.5*eps/steps, random start, eps=0.05, L-inf)"
+            in out)
+    assert "upper bound on robust accuracy" in out and "clean accuracy" in out
+    assert report["num_examples"] == 40 and report["dataset"] == "fashion_mnist_idx"
+    assert (tmp_path / "tiny" / "eval_2" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("argv, flag", [(["--eps=2"], "--eps"), (["--attacks=bogus"], "--attacks"),
+                                        (["--num_examples=0"], "--num_examples")])
+def test_cli_validators_name_the_flag(tmp_path, argv, flag):
+    from rvs_tf.cli import evaluate as cli
+
+    (tmp_path / "m.keras").write_bytes(b"")
+    try:
+        with pytest.raises(flags.IllegalFlagValueError, match=flag):
+            cli.FLAGS(["rvs-evaluate", f"--model={tmp_path / 'm.keras'}", *argv])
+    finally:
+        cli.FLAGS.unparse_flags()
+    with pytest.raises(ValueError, match="model"):
+        evaluate.resolve_model_path(tmp_path / "missing")
+
+
+def test_report_rejects_bad_input():
+    model = Quantised(np.zeros((64, 10)))
+    x, y = np.zeros((4, 8, 8, 1), np.float32), np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="eps"):
+        evaluate.robustness_report(model, (x, y), eps=-1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        evaluate.robustness_report(model, (x + 2, y), eps=0.1, progress=False)
+    with pytest.raises(ValueError, match="attacks"):
+        evaluate.robustness_report(model, (x, y), eps=0.1, attacks="pgd7")
