@@ -1,10 +1,13 @@
 """SavedModel export for TF Serving: `<export_dir>/<name>/<version>/`, classifier only.
 
 Signature `serving_default`: input `images` float32 [batch, H, W, C] in [0, 1]; outputs `logits`,
-`probabilities` and `classes`. The version is written to a hidden temporary folder beside its final place
-and renamed into place in one step, so TF Serving (which polls the folder) and users never see a partial
-version, and a failed export leaves earlier versions untouched. Run metadata (dataset, class names, eps,
-flags, metrics) goes in `assets.extra/rvs_metadata.json`, the folder TF Serving reserves for extras.
+`probabilities` and `classes`. Signature `serving_bytes` (BYTES_SIGNATURE): input `image_bytes` string
+[batch], each an encoded PNG/JPEG/GIF/BMP (what TF Serving's REST API carries as `{"b64": ...}`), decoded,
+converted to the model's channels and resized to its H x W (bilinear) inside the graph; same outputs.
+The version is written to a hidden temporary folder beside its final place and renamed into place in
+one step, so TF Serving (which polls the folder) and users never see a partial version, and a failed
+export leaves earlier versions untouched. Run metadata (dataset, class names, eps, flags, metrics) goes in
+`assets.extra/rvs_metadata.json`, the folder TF Serving reserves for extras.
 """
 import json
 import os
@@ -60,6 +63,38 @@ def serving_function(classifier):
     return serve
 
 
+BYTES_SIGNATURE = "serving_bytes"
+
+
+def decode_images(image_bytes, image_shape):
+    """Encoded images [batch] (string) -> float32 [batch, H, W, C] in [0, 1]: decoded with C channels
+    (PNG/JPEG/GIF/BMP; colour converted as the decoders do) and resized to H x W when they differ."""
+    height, width, channels = image_shape
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+        image = tf.image.convert_image_dtype(image, tf.float32)  # uint8 / 255
+        same = tf.reduce_all(tf.equal(tf.shape(image)[:2], [height, width]))
+        image = tf.cond(same, lambda: image, lambda: tf.image.resize(image, [height, width]))
+        return tf.ensure_shape(image, [height, width, channels])
+
+    return tf.map_fn(decode, image_bytes,
+                     fn_output_signature=tf.TensorSpec([height, width, channels], tf.float32))
+
+
+def bytes_serving_function(classifier):
+    """`serving_function` behind `decode_images`: for clients that send encoded image files."""
+    serve = serving_function(classifier)
+    image_shape = tuple(classifier.input_shape[1:])
+    if len(image_shape) != 3 or None in image_shape:
+        raise ValueError(f"classifier: the bytes signature needs a fixed [H, W, C] input, got {image_shape}")
+
+    def serve_bytes(image_bytes):
+        return serve(decode_images(image_bytes, image_shape))
+
+    return serve_bytes
+
+
 def export_classifier(classifier, export_dir, name, *, version=None, metadata=None):
     """Write `classifier` as `<export_dir>/<name>/<version>/` and return that path.
 
@@ -87,6 +122,9 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         archive.add_endpoint(
             "serving_default", serving_function(classifier),
             input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
+        archive.add_endpoint(
+            BYTES_SIGNATURE, bytes_serving_function(classifier),
+            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         archive.write_out(staging, verbose=False)
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
         with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:

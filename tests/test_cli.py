@@ -131,3 +131,12 @@ def test_missing_and_corrupt_data_and_unwritable_exports(trained, tmp_path):
     result = run(command(tmp, f"--export_dir={blocker}", epochs=5))
     assert result.returncode != 0 and "--export_dir" in result.stderr
     assert snapshot(tmp / "run", tmp / "exports") == before
+
+
+def test_rvs_evaluate_on_the_export(trained):
+    tmp, _, _ = trained
+    result = run([os.path.join(BIN, "rvs-evaluate"), f"--model={tmp / 'exports' / 'tiny'}", "--attacks=pgd20",
+                  f"--idx_dir={tmp / 'idx'}", "--num_examples=20", "--sweep_examples=0", "--noprogress"])
+    assert result.returncode == 0, result.stderr
+    assert "clean accuracy" in result.stdout and "PGD-20 (20 steps" in result.stdout
+    assert (tmp / "exports" / "tiny" / "eval_1" / "report.json").is_file()

@@ -10,7 +10,7 @@ report.md and figures to --output_dir (default: next to the model, e.g. saved_mo
 """
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from rvs_tf import evaluate
 
@@ -19,6 +19,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "SavedModel dir, folder of integer versions of one, or .keras file.")
 flags.DEFINE_string("dataset", None, "Dataset name for rvs_tf.data (default: the model's metadata).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
+flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "Folder of the IDX .gz files (for "
+                    "--dataset=fashion_mnist_idx).")
 flags.DEFINE_float("eps", None, "L-inf radius for images in [0, 1] (default: the model's metadata).")
 flags.DEFINE_integer("num_examples", 1000, "Test examples to evaluate (the first ones of the split).")
 flags.DEFINE_integer("batch_size", 250, "Images per attack batch.")
@@ -62,6 +64,8 @@ flags.register_validator("attacks", _attacks_ok, f"--attacks must be one of {sor
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # each attack setting traces once; TF's retracing notes are noise
+        logging.set_verbosity(logging.ERROR)
     _, metadata, _ = evaluate.load_model(FLAGS.model)
     dataset = FLAGS.dataset or metadata.get("dataset")
     eps = FLAGS.eps if FLAGS.eps is not None else metadata.get("eps")
@@ -72,7 +76,8 @@ def main(argv):
     from rvs_tf.data import make_eval_dataset
 
     ds, _ = make_eval_dataset(dataset, split="test", batch_size=FLAGS.batch_size,
-                              num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir)
+                              num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir,
+                              idx_dir=FLAGS.idx_dir)
     output_dir = FLAGS.output_dir or evaluate.default_output_dir(FLAGS.model)
     report = evaluate.robustness_report(
         FLAGS.model, ds, eps=eps, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
@@ -80,7 +85,6 @@ def main(argv):
         output_dir=output_dir, seed=FLAGS.seed, progress=FLAGS.progress, dataset_name=dataset)
     print("\n".join([f"dataset {dataset}", *evaluate.format_summary(report),
                      f"report: {os.path.join(output_dir, 'report.md')}"]))
-    return report
 
 
 def run():
