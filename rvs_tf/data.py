@@ -356,8 +356,6 @@ def make_eval_dataset(name, *, split="test", batch_size=256, num_examples=None, 
         raise ValueError("`split='validation'` needs `validation_size` > 0")
     if num_examples is not None:
         _check_int(num_examples, "num_examples", 1)
-    if split == "test":  # the held-out part of train plays no role: do not check it against train's size
-        validation_size = 0
     info = dataset_info(name, validation_size=validation_size, data_dir=data_dir, idx_dir=idx_dir)
     ds = _source(name, split, validation_size=validation_size, data_dir=data_dir, idx_dir=idx_dir,
                  download=download)

@@ -77,7 +77,7 @@ def main(argv):
 
     ds, _ = make_eval_dataset(dataset, split="test", batch_size=FLAGS.batch_size,
                               num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir,
-                              idx_dir=FLAGS.idx_dir)
+                              idx_dir=FLAGS.idx_dir, validation_size=0)  # the test split needs no hold-out
     output_dir = FLAGS.output_dir or evaluate.default_output_dir(FLAGS.model)
     report = evaluate.robustness_report(
         FLAGS.model, ds, eps=eps, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
