@@ -303,7 +303,7 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
     return best_x
 
 
-_P_HALVING = tf.constant([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000], tf.int32)
+_P_HALVING = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # a tuple: no TF op at import (MultiWorker needs that)
 
 
 @_graph_ready
