@@ -56,14 +56,17 @@ class RunCheckpoint(keras.callbacks.Callback):
     replaces a better one saved before.
     """
 
-    def __init__(self, directory, monitor="val_pgd_accuracy", mode="max"):
+    def __init__(self, directory, monitor="val_pgd_accuracy", mode="max", write_directory=None):
         super().__init__()
         if mode not in ("max", "min"):
             raise ValueError(f"mode: expected 'max' or 'min', got {mode!r}")
         self.directory = directory
+        # Multi-worker: every worker restores from the chief's `directory` but saves (saving reads
+        # synchronised variables, a collective) into its own `write_directory`, discarded on non-chiefs.
+        self.write_directory = write_directory or directory
         self.monitor = monitor
         self.mode = mode
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(self.write_directory, exist_ok=True)
         self.state = read_state(directory) or {"epoch": 0, "last": None, "best": None}
 
     def restore(self, model):
@@ -101,9 +104,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         return value > best["value"] if self.mode == "max" else value < best["value"]
 
     def _save_weights(self, name):
-        temporary = os.path.join(self.directory, f".tmp-{name}")
+        temporary = os.path.join(self.write_directory, f".tmp-{name}")
         self.model.save_weights(temporary, overwrite=True)
-        os.replace(temporary, os.path.join(self.directory, name))
+        os.replace(temporary, os.path.join(self.write_directory, name))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -122,10 +125,10 @@ class RunCheckpoint(keras.callbacks.Callback):
             self._save_weights(BEST_FILE)
             state["best"] = {"epoch": finished, "value": value, "metric": self.monitor}
         previous = self.state.get("last")
-        write_json_atomic(os.path.join(self.directory, STATE_FILE), state)
+        write_json_atomic(os.path.join(self.write_directory, STATE_FILE), state)
         self.state = state
         if previous and previous != last:
             try:
-                os.remove(os.path.join(self.directory, previous))
+                os.remove(os.path.join(self.write_directory, previous))
             except FileNotFoundError:
                 pass

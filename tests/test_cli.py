@@ -140,3 +140,14 @@ def test_rvs_evaluate_on_the_export(trained):
     assert result.returncode == 0, result.stderr
     assert "clean accuracy" in result.stdout and "PGD-20 (20 steps" in result.stdout
     assert (tmp / "exports" / "tiny" / "eval_1" / "report.json").is_file()
+
+
+def test_mirrored_strategy_and_bfloat16_from_the_command_line(trained, tmp_path):
+    tmp, _, _ = trained
+    args = command(tmp, "--strategy=mirrored", "--mixed_precision=mixed_bfloat16", epochs=1)
+    args = [a for a in args if not a.startswith(("--workdir", "--export_dir"))]
+    result = run(args + [f"--workdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exports'}"])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "exports" / "tiny" / "1" / "saved_model.pb").is_file()
+    metadata = json.loads((tmp_path / "exports" / "tiny" / "1" / "assets.extra" / "rvs_metadata.json").read_text())
+    assert metadata["strategy"] == "mirrored" and metadata["flags"]["mixed_precision"] == "mixed_bfloat16"
