@@ -51,10 +51,10 @@ def main(argv):
     import tensorflow as tf
     from PIL import Image
 
-    from rvs_tf import export, models, serving
+    from rvs_tf import evaluate, export, models, serving
 
     if FLAGS.model:
-        path = export.resolve_version_dir(FLAGS.model)
+        path, _ = evaluate.resolve_model_path(FLAGS.model)
     else:
         shape = tuple(int(s) for s in FLAGS.shape)
         classifier = models.build_classifier(FLAGS.arch, shape, 10)

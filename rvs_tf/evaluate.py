@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from rvs_tf import attacks as attacks_lib
+from rvs_tf import export
 
 __all__ = ["AttackSpec", "attack_spec", "ATTACKS", "PRESETS", "LARGE_EPS", "NEAR_ZERO", "clopper_pearson",
            "load_model",
@@ -39,7 +40,6 @@ __all__ = ["AttackSpec", "attack_spec", "ATTACKS", "PRESETS", "LARGE_EPS", "NEAR
 
 LARGE_EPS = 0.5   # at eps 0.5 every image can be moved to the same grey image: accuracy must be ~0
 NEAR_ZERO = 0.05  # the worst-case accuracy allowed at LARGE_EPS for the sanity check to pass
-METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
 METHOD = (
     "FGSM and PGD attack every correctly classified example (stand-alone "
     "accuracy). With `cascade=True` (default, as AutoAttack) every other attack only attacks the examples no "
@@ -167,8 +167,7 @@ def resolve_model_path(path):
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         base = os.path.basename(os.path.normpath(path))
         return path, int(base) if base.isdigit() else None
-    versions = [int(d) for d in (os.listdir(path) if os.path.isdir(path) else [])
-                if d.isdigit() and os.path.isfile(os.path.join(path, d, "saved_model.pb"))]
+    versions = [v for v in export.versions(path) if os.path.isfile(os.path.join(path, str(v), "saved_model.pb"))]
     if not versions:
         raise ValueError(f"model must be a SavedModel directory, a folder of integer versions of one, or a "
                          f".keras file; found none at {path!r}")
@@ -214,11 +213,7 @@ def load_model(model):
     def logits_fn(x, _signature=signature, _name=inputs[0], _keep=loaded):
         return _signature(**{_name: x})["logits"]
 
-    metadata = {}
-    if os.path.isfile(os.path.join(path, METADATA_FILE)):
-        with open(os.path.join(path, METADATA_FILE), encoding="utf-8") as f:
-            metadata = json.load(f)
-    return logits_fn, metadata, path
+    return logits_fn, export.read_metadata(path), path
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -30,17 +30,6 @@ def versions(model_dir):
                   if entry.isdigit() and os.path.isdir(os.path.join(model_dir, entry)))
 
 
-def resolve_version_dir(path):
-    """`saved_models/<name>/<version>` as given, or the newest version under `saved_models/<name>`."""
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return path
-    found = versions(path)
-    if not found:
-        raise FileNotFoundError(f"--model: {path!r} is neither a SavedModel folder nor a folder of "
-                                "integer versions holding one")
-    return os.path.join(path, str(found[-1]))
-
-
 def check_writable(export_dir, flag="--export_dir"):
     """Fail early, before any training, if exports could not be written under `export_dir`."""
     try:
@@ -142,13 +131,6 @@ def read_metadata(version_dir):
         return {}
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def load_serving_model(path):
-    """A callable images -> float32 logits from a SavedModel version (or the newest under a name)."""
-    loaded = tf.saved_model.load(resolve_version_dir(path))
-    signature = loaded.signatures["serving_default"]
-    return lambda images: signature(images=tf.cast(images, tf.float32))["logits"]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rvs_tf import export
+from rvs_tf import evaluate, export
 
 
 def classifier():
@@ -42,9 +42,10 @@ def test_signature_versions_and_metadata(tmp_path):
     # No training state: the generator, optimizers and RVS wrapper are not part of the export.
     assert not any("optimizer" in v.name for v in loaded.variables)
 
-    assert export.resolve_version_dir(os.path.join(root, "demo")) == second
-    logits = export.load_serving_model(os.path.join(root, "demo"))(x)
-    np.testing.assert_allclose(logits.numpy(), expected, atol=1e-5)
+    assert evaluate.resolve_model_path(os.path.join(root, "demo")) == (second, 2)  # newest, as TF Serving
+    logits, metadata, _ = evaluate.load_model(os.path.join(root, "demo"))
+    np.testing.assert_allclose(logits(x).numpy(), expected, atol=1e-5)
+    assert metadata == {}  # version 2 was exported without metadata
 
 
 def test_failed_export_leaves_earlier_versions_intact(tmp_path, monkeypatch):

@@ -52,8 +52,9 @@ flags.DEFINE_float("label_smoothing", None, "Mass moved from the true class to t
 flags.DEFINE_float("ot_weight", 1.0, "Weight of the OT term in the classifier loss.", lower_bound=0.0)
 flags.DEFINE_enum("ot_on", "features", ["features", "logits"], "What the OT term compares.")
 flags.DEFINE_float("ot_epsilon", 0.01, "Entropic regularisation of the OT term.", lower_bound=1e-6)
-flags.DEFINE_string("ot_cost_scale", "none", "How --ot_epsilon is read: 'none' (absolute), 'mean' or "
-                    "'max' (relative to that statistic of the cost matrix), or a number.")
+flags.DEFINE_string("ot_cost_scale", "mean", "How --ot_epsilon is read: 'mean' or 'max' (relative to "
+                    "that statistic of the cost matrix; converges fast), 'none' (absolute, the authors'), or a "
+                    "number.")
 flags.DEFINE_integer("ot_max_iters", 100, "Sinkhorn iteration cap.", lower_bound=1)
 flags.DEFINE_enum("ot_gradient", "implicit", ["implicit", "unrolled"], "Sinkhorn gradient mode.")
 flags.DEFINE_bool("ot_debiased", False, "Use the debiased Sinkhorn divergence.")
