@@ -259,15 +259,16 @@ class RVSModel(RobustModel):
       rvs_update: how the two players move each step.
         "alternating" (the authors'): a generator step on -OT, then a classifier step on a fresh z
           against the updated generator: a sequential game in which the classifier answers the
-          generator's latest move. Cost: two forward passes of the classifier per step and a backward
-          pass for each player (about 9-10 forward-pass units, natural training being 3).
+          generator's latest move. Cost: the clean forward pass is shared by both players (the weights do
+          not change in between), so three forward passes of the classifier and a backward pass for each
+          player: about 9 forward-pass units plus the generator twice, natural training being 3.
         "simultaneous": one forward pass of x and x_adv under one tape; the classifier's gradient of
           CE + lambda * OT and the generator's gradient of -OT are both taken at the same point and
           applied together (simultaneous gradient descent-ascent). Both players react to the other's
           previous move, which can oscillate where the alternating game settles, but the forward pass is
           shared. Because the two losses differ, the generator's gradient needs its own backward pass
           through the classifier at x_adv (the backward of CE + lambda * OT cannot be split into its OT
-          part), so the cost is about 8 units plus the generator, not 6.
+          part), so the cost is about 8 units plus the generator once, not 6.
 
     Under data parallelism (MirroredStrategy, MultiWorkerMirroredStrategy) each replica computes the OT
     term between the clean and synthesised measures of its own per-replica batch, and the loss that is
@@ -397,17 +398,14 @@ class RVSModel(RobustModel):
             return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
         return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
 
-    def classifier_loss(self, x, x_adv, y):
-        """(total, CE, OT, clean logits, adversarial logits) of the classifier's objective."""
-        targets = self.targets(y)
-        clean_logits, clean = self.heads(x)
-        logits, adversarial = self.heads(x_adv)
+    def classifier_objective(self, targets, clean_logits, clean, logits, adversarial):
+        """(total, CE, OT) of the classifier: CE on the synthesised batch + lambda * OT (+ clean CE, wd)."""
         ce = self.cross_entropy(targets, logits)
         ot = self.transport_cost(clean, adversarial)
         loss = ce + self.ot_weight * ot
         if self.clean_ce_weight:
             loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits)
-        return self.regularised(loss), ce, ot, clean_logits, logits
+        return self.regularised(loss), ce, ot
 
     def train_step(self, data):
         x, y = self.unpack(data)
@@ -422,26 +420,34 @@ class RVSModel(RobustModel):
         return {m.name: m.result() for m in self.metrics if m is not self.pgd_accuracy_tracker}
 
     def alternating_step(self, x, y, eps):
-        """The authors' update: a generator step, then a classifier step on a fresh z."""
+        """The authors' update: a generator step, then a classifier step on a fresh z.
+
+        The generator step leaves the classifier's weights unchanged, so the clean forward pass is run
+        once, under the classifier's tape, and its features serve both players (the authors run it twice;
+        the result is the same function, one forward pass cheaper)."""
         generator_variables = self.generator.trainable_variables  # empty when frozen: no generator step
-        if generator_variables:
-            with tf.GradientTape() as tape:  # generator: maximise the transport cost
-                _, clean = self.heads(x)
-                _, adversarial = self.heads(self.synthesize(x, eps, stream=0))
-                generator_ot = self.transport_cost(clean, adversarial)
-                generator_loss = self.gradient_loss(-generator_ot, self.generator_optimizer)
-            self.descend(tape, generator_loss, self.generator_optimizer, generator_variables)
-        x_adv = tf.stop_gradient(self.synthesize(x, eps, stream=2))  # fresh z, the updated generator
-        with tf.GradientTape() as tape:  # classifier: fit the synthesised batch, pull features together
-            loss, ce, ot, clean_logits, logits = self.classifier_loss(x, x_adv, y)
+        targets = self.targets(y)
+        with tf.GradientTape() as classifier_tape:
+            clean_logits, clean = self.heads(x)
+            if generator_variables:
+                with tf.GradientTape() as tape:  # generator: maximise the transport cost
+                    _, adversarial = self.heads(self.synthesize(x, eps, stream=0))
+                    generator_ot = self.transport_cost(tf.stop_gradient(clean), adversarial)
+                    generator_loss = self.gradient_loss(-generator_ot, self.generator_optimizer)
+                self.descend(tape, generator_loss, self.generator_optimizer, generator_variables)
+            x_adv = tf.stop_gradient(self.synthesize(x, eps, stream=2))  # fresh z, the updated generator
+            logits, adversarial = self.heads(x_adv)  # classifier: fit it, pull the features together
+            loss, ce, ot = self.classifier_objective(targets, clean_logits, clean, logits, adversarial)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
-        self.descend(tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
+        self.descend(classifier_tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
         return loss, ce, ot, (generator_ot if generator_variables else ot), clean_logits, logits
 
     def simultaneous_step(self, x, y, eps):
         """Both players' gradients at the same point, from one forward pass, applied together."""
         with tf.GradientTape(persistent=True) as tape:
-            loss, ce, ot, clean_logits, logits = self.classifier_loss(x, self.synthesize(x, eps, 0), y)
+            clean_logits, clean = self.heads(x)
+            logits, adversarial = self.heads(self.synthesize(x, eps, stream=0))
+            loss, ce, ot = self.classifier_objective(self.targets(y), clean_logits, clean, logits, adversarial)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
             generator_loss = self.gradient_loss(-ot, self.generator_optimizer)
         classifier_variables = self.classifier.trainable_variables
