@@ -9,8 +9,10 @@ under PGD, label smoothing, weight decay, eps warm-up, saving), so that only the
   TRADESModel   Zhang et al. 2019: CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximising the KL from
                 x + 0.001 N(0, 1) by k signed steps (defaults: beta 6, 10 steps of eps / 4).
 
-The attacks run on the classifier in inference mode (BatchNorm on moving statistics) so that crafting an
-example never moves the BatchNorm statistics; the training loss runs in training mode.
+The training attacks run on the classifier in inference mode (BatchNorm on its moving statistics), so
+crafting an example never moves those statistics; the training loss runs in training mode. TRADES's
+reference code does the same; Wong et al. and Madry et al. craft their examples in training mode (batch
+statistics), which differs only for classifiers with BatchNorm (not the default small CNN).
 """
 import keras
 import tensorflow as tf
@@ -20,7 +22,8 @@ from rvs_tf.training import RobustModel, _check
 
 def signed_ascent(loss_fn, x, start, eps, steps, step_size):
     """`steps` signed-gradient ascent steps on sum(loss_fn(x')) from `start`, each projected onto the
-    eps-ball around x and [0, 1]; returns the last iterate, as the training attacks of these papers do."""
+    eps-ball around x and [0, 1]; returns the last iterate, as the training attacks of these papers do
+    (rvs_tf.attacks.pgd, an evaluation attack, keeps the worst iterate instead)."""
     lo, hi = tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
 
     def step(i, x_adv):

@@ -2,12 +2,13 @@
 finished epoch and loses nothing already saved.
 
 Layout of a checkpoint folder:
-  epoch-<N>.weights.h5   full state after N epochs (model, both optimizers, step counters)
-  best.weights.h5        the state with the best monitored value so far
-  state.json             {"epoch": N, "last": "epoch-<N>.weights.h5", "best": {...}}
+  epoch-<N>.weights.h5       full state after N epochs (model, both optimizers, step counters)
+  best-epoch-<M>.weights.h5  the state with the best monitored value so far (epoch M)
+  state.json                 {"epoch": N, "last": "epoch-<N>.weights.h5", "best": {"file": ..., ...}}
 
-Every file is written under a temporary name and renamed into place, and `state.json` is switched last,
-so it always names files that are complete. Older epoch files are removed only after the switch.
+Every file is written under a temporary name, flushed to disk and renamed into place, and `state.json` is
+switched last, so it always names files that are complete, even after a machine crash. Files that
+`state.json` no longer names are removed only after the switch.
 """
 import json
 import math
@@ -17,19 +18,31 @@ import time
 import keras
 
 STATE_FILE = "state.json"
-BEST_FILE = "best.weights.h5"
 # Written into a training workdir when a run ends; what rvs-export reads.
 CLASSIFIER_FILE = "best_classifier.keras"
 METADATA_FILE = "metadata.json"
+
+
+def _fsync(path):
+    """Flush a file, or a folder's entries, to disk (a rename is durable only once its folder is)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def replace_durably(temporary, path):
+    _fsync(temporary)
+    os.replace(temporary, path)
+    _fsync(os.path.dirname(os.path.abspath(path)))
 
 
 def write_json_atomic(path, data):
     temporary = f"{path}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    replace_durably(temporary, path)
 
 
 def read_state(directory):
@@ -80,7 +93,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         """Load the best state if one was kept (else the last); returns its epoch or None."""
         best = self.state.get("best")
         if best:
-            _load(model, os.path.join(self.directory, BEST_FILE))
+            _load(model, os.path.join(self.directory, best["file"]))
             return best["epoch"]
         if self.state["last"]:
             _load(model, os.path.join(self.directory, self.state["last"]))
@@ -106,7 +119,7 @@ class RunCheckpoint(keras.callbacks.Callback):
     def _save_weights(self, name):
         temporary = os.path.join(self.write_directory, f".tmp-{name}")
         self.model.save_weights(temporary, overwrite=True)
-        os.replace(temporary, os.path.join(self.write_directory, name))
+        replace_durably(temporary, os.path.join(self.write_directory, name))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -122,13 +135,16 @@ class RunCheckpoint(keras.callbacks.Callback):
                  "monitor": self.monitor, "mode": self.mode,
                  "history": {**self.state.get("history", {}), str(finished): record}}
         if self._improved(value):
-            self._save_weights(BEST_FILE)
-            state["best"] = {"epoch": finished, "value": value, "metric": self.monitor}
-        previous = self.state.get("last")
+            best_file = f"best-epoch-{finished}.weights.h5"
+            self._save_weights(best_file)
+            state["best"] = {"epoch": finished, "value": value, "metric": self.monitor, "file": best_file}
+        previous = self.state
         write_json_atomic(os.path.join(self.write_directory, STATE_FILE), state)
         self.state = state
-        if previous and previous != last:
-            try:
-                os.remove(os.path.join(self.write_directory, previous))
-            except FileNotFoundError:
-                pass
+        named = {state["last"], (state.get("best") or {}).get("file")}
+        for stale in (previous.get("last"), (previous.get("best") or {}).get("file")):
+            if stale and stale not in named:
+                try:
+                    os.remove(os.path.join(self.write_directory, stale))
+                except FileNotFoundError:
+                    pass

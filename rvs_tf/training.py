@@ -71,6 +71,9 @@ class RobustModel(keras.Model):
         super().__init__(**kwargs)
         _check(isinstance(classifier, keras.Model),
                f"classifier: expected a keras.Model, got {type(classifier).__name__}")
+        _check(hasattr(classifier, "output_shape"),
+               "classifier: expected a functional or Sequential Keras model (its input and output shapes "
+               "must be known); wrap a subclassed model in keras.Model(inputs, outputs)")
         _check(0.0 < float(eps) <= 1.0, f"eps: expected 0 < eps <= 1 for images in [0, 1], got {eps}")
         _check(0.0 <= float(label_smoothing) < 1.0,
                f"label_smoothing: expected 0 <= value < 1, got {label_smoothing}")
@@ -199,8 +202,11 @@ class RobustModel(keras.Model):
         return tf.reduce_mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
 
     def regularised(self, loss):
+        """Adds the kernel weight decay and any regularisation losses of the classifier's own layers."""
         if self.weight_decay:
             loss += self.weight_decay * kernel_l2(self.classifier.trainable_variables)
+        if self.classifier.losses:
+            loss += tf.add_n([tf.cast(extra, tf.float32) for extra in self.classifier.losses])
         return loss
 
     @staticmethod
@@ -219,7 +225,12 @@ class RobustModel(keras.Model):
         if not isinstance(data, (tuple, list)) or len(data) < 2:
             raise ValueError("Expected batches of (images, labels) with integer labels; "
                              f"got {type(data).__name__}")
+        if len(data) > 2 and data[2] is not None:  # Keras passes (x, y, None) without weights
+            raise ValueError("sample weights are not supported: expected batches of (images, labels)")
         x, y = data[0], data[1]
+        if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] not in (1, None):
+            raise ValueError(f"labels: expected integer class indices of shape [batch], got shape {y.shape} "
+                             "(one-hot labels? pass tf.argmax(labels, -1))")
         return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int64), [-1])
 
     def test_step(self, data):
@@ -353,6 +364,9 @@ class RVSModel(RobustModel):
         return {"classifier_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer}
 
     def compile(self, classifier_optimizer="sgd", generator_optimizer="sgd", **kwargs):
+        if "optimizer" in kwargs or "loss" in kwargs or "metrics" in kwargs:
+            raise ValueError("RVSModel.compile takes classifier_optimizer= and generator_optimizer= (its "
+                             "losses and metrics are built in), got " + ", ".join(sorted(kwargs)))
         """Compile with one optimizer per player. Both are built on their variables here, inside the
         model's strategy scope, which is what makes a two-optimizer step work under MirroredStrategy."""
         self.generator_optimizer = keras.optimizers.get(generator_optimizer)
@@ -423,8 +437,9 @@ class RVSModel(RobustModel):
         """The authors' update: a generator step, then a classifier step on a fresh z.
 
         The generator step leaves the classifier's weights unchanged, so the clean forward pass is run
-        once, under the classifier's tape, and its features serve both players (the authors run it twice;
-        the result is the same function, one forward pass cheaper)."""
+        once, under the classifier's tape, and its features serve both players: the authors run it twice.
+        The gradients are the same; only BatchNorm's moving averages see one clean batch a step instead
+        of two (one pass cheaper)."""
         generator_variables = self.generator.trainable_variables  # empty when frozen: no generator step
         targets = self.targets(y)
         with tf.GradientTape() as classifier_tape:

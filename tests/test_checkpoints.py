@@ -5,7 +5,7 @@ import os
 import keras
 import numpy as np
 
-from rvs_tf.checkpoints import BEST_FILE, STATE_FILE, RunCheckpoint
+from rvs_tf.checkpoints import STATE_FILE, RunCheckpoint
 
 
 def model():
@@ -40,7 +40,8 @@ def test_resume_restores_weights_optimizer_and_epoch(tmp_path):
     second.fit(x, y, epochs=3, initial_epoch=2, batch_size=16, validation_data=(x, y),
                callbacks=[resumed], verbose=0)
     assert resumed.state["epoch"] == 3
-    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("epoch-")) == ["epoch-3.weights.h5"]
+    kept = sorted(f for f in os.listdir(tmp_path) if f.endswith(".weights.h5"))
+    assert kept == sorted({"epoch-3.weights.h5", resumed.state["best"]["file"]})  # nothing stale left
 
 
 def test_best_survives_a_restart(tmp_path):
@@ -54,7 +55,8 @@ def test_best_survives_a_restart(tmp_path):
     restarted.set_model(checkpoint.model)
     restarted.on_epoch_end(1, {"val_accuracy": 0.6})  # worse than before the restart: best kept
     state = json.load(open(tmp_path / STATE_FILE))
-    assert state["best"] == {"epoch": 1, "value": 0.8, "metric": "val_accuracy"} and state["epoch"] == 2
+    assert state["best"] == {"epoch": 1, "value": 0.8, "metric": "val_accuracy",
+                             "file": "best-epoch-1.weights.h5"} and state["epoch"] == 2
     fresh = model()
     assert restarted.load_best(fresh) == 1
     for expected, actual in zip(best_weights, fresh.weights):
@@ -71,4 +73,4 @@ def test_an_interrupted_save_does_not_break_resume(tmp_path):
     (tmp_path / (STATE_FILE + ".tmp")).write_text("{ partial")
     resumed = RunCheckpoint(str(tmp_path), monitor="val_accuracy")
     assert resumed.restore(model()) == 1
-    assert os.path.isfile(tmp_path / BEST_FILE)
+    assert os.path.isfile(tmp_path / resumed.state["best"]["file"])

@@ -151,3 +151,16 @@ def test_mirrored_strategy_and_bfloat16_from_the_command_line(trained, tmp_path)
     assert (tmp_path / "exports" / "tiny" / "1" / "saved_model.pb").is_file()
     metadata = json.loads((tmp_path / "exports" / "tiny" / "1" / "assets.extra" / "rvs_metadata.json").read_text())
     assert metadata["strategy"] == "mirrored" and metadata["flags"]["mixed_precision"] == "mixed_bfloat16"
+
+
+def test_resumed_run_matches_an_uninterrupted_one(trained, tmp_path):
+    """Same data order, augmentation and noise after a resume: every epoch's figures are the same."""
+    tmp, killed_at, _ = trained
+    args = [a for a in command(tmp, epochs=5) if not a.startswith(("--workdir", "--export_dir"))]
+    result = run(args + [f"--workdir={tmp_path / 'run'}", "--noexport"])
+    assert result.returncode == 0, result.stderr
+    history = lambda folder: json.loads((folder / "checkpoints" / "state.json").read_text())["history"]
+    resumed, straight = history(tmp / "run"), history(tmp_path / "run")
+    for epoch in range(killed_at + 1, 6):  # the epochs trained after the resume
+        for key in ("loss", "ce_loss", "ot_loss", "val_clean_accuracy", "val_pgd_accuracy"):
+            assert resumed[str(epoch)][key] == pytest.approx(straight[str(epoch)][key], abs=1e-5), (epoch, key)

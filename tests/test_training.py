@@ -201,3 +201,23 @@ def test_frozen_generator_never_changes(update):
     for before, after in zip(frozen, model.generator.weights):
         np.testing.assert_array_equal(before, after.numpy())
     assert int(model.generator_optimizer.iterations) == 0
+
+
+def test_keras_user_mistakes_get_clear_errors():
+    model = make_model()
+    x, y = tiny_data(16)
+    with pytest.raises(ValueError, match="labels: expected integer class indices"):
+        model.train_on_batch(x, np.eye(CLASSES)[y])
+    with pytest.raises(ValueError, match="classifier_optimizer"):
+        model.compile(optimizer="adam")
+    with pytest.raises(ValueError, match="sample weights"):
+        model.train_on_batch(x, y, sample_weight=np.ones(16))
+
+
+def test_classifier_layer_regularisers_reach_the_loss():
+    inputs = keras.Input(SHAPE)
+    h = keras.layers.Dense(16, activation="relu", name="features")(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(CLASSES, kernel_regularizer=keras.regularizers.L2(10.0))(h)
+    model = RVSModel(keras.Model(inputs, outputs), models.make_generator(8, SHAPE), eps=0.1)
+    extra = float(tf.add_n(model.classifier.losses))
+    assert extra > 0 and float(model.regularised(tf.constant(0.0))) == pytest.approx(extra, rel=1e-5)

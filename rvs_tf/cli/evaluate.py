@@ -13,6 +13,7 @@ import os
 from absl import app, flags, logging
 
 from rvs_tf import evaluate
+from rvs_tf.cli.flag_types import DEFINE_fraction
 
 FLAGS = flags.FLAGS
 
@@ -21,7 +22,8 @@ flags.DEFINE_string("dataset", None, "Dataset name for rvs_tf.data (default: the
 flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
 flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "Folder of the IDX .gz files (for "
                     "--dataset=fashion_mnist_idx).")
-flags.DEFINE_float("eps", None, "L-inf radius for images in [0, 1] (default: the model's metadata).")
+DEFINE_fraction("eps", None, "L-inf radius for images in [0, 1], fractions like 8/255 accepted (default: "
+                "the model's metadata).")
 flags.DEFINE_integer("num_examples", 1000, "Test examples to evaluate (the first ones of the split).")
 flags.DEFINE_integer("batch_size", 250, "Images per attack batch.")
 flags.DEFINE_string("attacks", "standard",

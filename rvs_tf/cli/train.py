@@ -1,4 +1,5 @@
-"""rvs-train: train a robust classifier, keep the best checkpoint, export it, report its robustness.
+"""rvs-train: train a robust classifier, keep the best checkpoint, report its clean test accuracy and export
+it (then `rvs-evaluate --model=saved_models/<name>` measures its robustness).
 
   rvs-train --flagfile=flags/fashion_mnist.cfg
 
@@ -6,6 +7,7 @@ Rerunning the same command after an interruption resumes from the last finished 
 """
 import json
 import os
+import re
 import sys
 import time
 
@@ -37,10 +39,10 @@ flags.DEFINE_enum("method", "rvs", ["rvs", "natural", "fgsm_rs", "pgd", "trades"
                   "Training method; everything else (data, model, optimiser, schedule) is shared.")
 flags.DEFINE_integer("pgd_steps", 10, "Attack steps of --method=pgd and --method=trades.", lower_bound=1)
 DEFINE_fraction("pgd_step_size", None, "Step size of those attacks (default: 2.5*eps/steps for pgd, "
-                "eps/4 for trades, as their papers).", lower=0.0)
+                "eps/4 for trades, as their papers).", lower=1e-9)
 flags.DEFINE_float("trades_beta", 6.0, "TRADES robustness weight.", lower_bound=0.0)
 flags.DEFINE_float("fgsm_step_ratio", 1.25, "FGSM-RS step as a multiple of eps (Wong et al.: 1.25).",
-                   lower_bound=0.0)
+                   lower_bound=1e-9)
 # RVS.
 DEFINE_fraction("eps", 0.1, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
                 lower=0.0, upper=1.0)
@@ -80,8 +82,6 @@ flags.DEFINE_enum("generator_optimizer", "sgd", ["sgd", "adam"], "Generator opti
 flags.DEFINE_float("generator_lr", 0.01, "Generator learning rate (constant).", lower_bound=0.0)
 # Evaluation, checkpoints, export.
 flags.DEFINE_integer("eval_pgd_steps", 10, "PGD steps of the per-epoch validation attack.", lower_bound=1)
-flags.DEFINE_integer("eval_examples", 1000, "Test examples attacked by the final report.", lower_bound=1)
-flags.DEFINE_string("eval_attacks", "quick", "Attack preset of the final report (see rvs-evaluate).")
 flags.DEFINE_string("name", None, "Run name: names the workdir and the export (default: "
                     "<dataset>_<method>).")
 flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs (default: runs/<name>).")
@@ -104,21 +104,21 @@ RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_r
              "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight", "rvs_update",
              "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
              "momentum", "weight_decay", "generator_optimizer", "generator_lr", "seed", "steps_per_epoch",
-             "eps_warmup_epochs", "mixed_precision")
+             "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps")
 
 
 def parse_cost_scale(value):
     text = str(value).strip().lower()
     if text in ("none", ""):
         return None
-    if text in ("mean", "max", "median"):
+    if text in ("mean", "max"):
         return text
     try:
         number = float(text)
     except ValueError:
         number = -1.0
     if number <= 0:
-        raise ValueError("--ot_cost_scale: expected none, mean, max, median or a positive number, "
+        raise ValueError("--ot_cost_scale: expected none, mean, max or a positive number, "
                          f"got {value!r}")
     return number
 
@@ -139,12 +139,12 @@ flags.register_validator("dataset", lambda v: v in _dataset_names(),
                              ("cifar10", "cifar100", "svhn_cropped", "mnist", "fashion_mnist",
                               "fashion_mnist_idx")))
 flags.register_validator("ot_cost_scale", lambda v: _valid(parse_cost_scale, v),
-                         message="--ot_cost_scale: expected none, mean, max, median or a positive number")
+                         message="--ot_cost_scale: expected none, mean, max or a positive number")
 flags.register_validator("lr_drop_epochs", lambda v: _valid(_drop_epochs, v),
                          message="--lr_drop_epochs: expected a comma-separated list of epochs >= 1")
 flags.register_validator("eps", lambda v: v > 0, message="--eps: expected 0 < eps <= 1 (images in [0, 1])")
-flags.register_validator("name", lambda v: v is None or (v and "/" not in v and not v.startswith(".")),
-                         message="--name: expected a plain name without '/'")
+flags.register_validator("name", lambda v: v is None or bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", v)),
+                         message="--name: expected letters, digits, '_', '-' or '.' (it names a folder)")
 
 
 def _dataset_names():
@@ -279,18 +279,18 @@ def main(argv):
                     f"--workdir: {workdir!r} holds a run with other settings "
                     + ", ".join(f"--{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(changed.items()))
                     + "; choose another --workdir or --name to start a new run")
-        elif chief:
-            write_json_atomic(config_path, run_config())
         keras.utils.set_random_seed(FLAGS.seed)
         train_ds, val_ds, test_ds, info = data.make_datasets(
             FLAGS.dataset, batch_size=FLAGS.batch_size, validation_size=FLAGS.validation_size,
             data_dir=FLAGS.data_dir, idx_dir=FLAGS.idx_dir, seed=FLAGS.seed)
+        steps_per_epoch = FLAGS.steps_per_epoch or info.num_train // FLAGS.batch_size
+        with strategy.scope():
+            model = build_model(info, steps_per_epoch)
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
         _fail(error)
+    if chief and not os.path.isfile(config_path):  # only once everything above was accepted
+        write_json_atomic(config_path, run_config())
 
-    steps_per_epoch = FLAGS.steps_per_epoch or info.num_train // FLAGS.batch_size
-    with strategy.scope():
-        model = build_model(info, steps_per_epoch)
     if FLAGS.strategy == "multi_worker":  # each worker reads its own share of every batch
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -312,7 +312,10 @@ def main(argv):
     callbacks = [checkpoint, keras.callbacks.TensorBoard(worker_logs),
                  ImageSummaries(worker_logs, sample_images, sample_labels)]
     if initial_epoch < FLAGS.epochs:
-        model.fit(train_ds.repeat(), epochs=FLAGS.epochs, initial_epoch=initial_epoch,
+        # Skip the batches already trained on: every seed is fixed, so a resumed run sees the same data
+        # order and augmentations as an uninterrupted one.
+        model.fit(train_ds.repeat().skip(initial_epoch * steps_per_epoch), epochs=FLAGS.epochs,
+                  initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callbacks, shuffle=False,
                   verbose=1 if sys.stdout.isatty() else 2)
     if not chief:  # only the chief keeps checkpoints, logs, the best classifier and the export
