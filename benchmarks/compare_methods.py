@@ -111,8 +111,7 @@ def write_results(options):
         "",
     ]
     if first:
-        attack_names = ", ".join(a["name"] + f" ({a.get('settings', '')})".replace(" ()", "")
-                                 for a in first["attacks"])
+        attack_names = "; ".join(f"{a['description']} [{a['accuracy_kind']}]" for a in first["attacks"])
         lines += [f"Ensemble: {attack_names}.", ""]
     lines += ["| row | clean | PGD-20 | worst case (ensemble) | s/epoch | x natural | flags |",
               "|---|---|---|---|---|---|---|"]
@@ -129,9 +128,8 @@ def write_results(options):
                      f"`{' '.join(flags)}` |")
     lines += ["", "Sanity checks (from each report):", ""]
     for name, row in done.items():
-        checks = row["report"].get("sanity_checks", {})
-        summary = ", ".join(f"{key}: {'pass' if value.get('passed') else 'FAIL'}"
-                            for key, value in checks.items() if isinstance(value, dict))
+        summary = ", ".join(f"{check['name']}: {'pass' if check['passed'] else 'FAIL'}"
+                            for check in row["report"].get("sanity_checks", []))
         lines.append(f"- {name}: {summary}")
     if os.path.isfile(os.path.join(HERE, "FINDINGS.md")):
         lines += ["", open(os.path.join(HERE, "FINDINGS.md"), encoding="utf-8").read().strip()]
