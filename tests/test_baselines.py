@@ -65,3 +65,30 @@ def test_trades_beta_and_bad_arguments():
         baselines.PGDATModel(tiny_classifier(), eps=0.1, steps=0)
     with pytest.raises(ValueError, match="step_ratio"):
         baselines.FGSMRSModel(tiny_classifier(), eps=0.1, step_ratio=0)
+
+
+@pytest.mark.parametrize("name", sorted(baselines.METHODS) + ["rvs"])
+def test_label_smoothing_reaches_every_methods_loss(name):
+    from rvs_tf import models
+    from rvs_tf.training import RVSModel, smooth_labels
+
+    x, y = tiny_data(32)
+
+    def first_loss(smoothing):
+        keras.utils.set_random_seed(0)
+        if name == "rvs":
+            model = RVSModel(tiny_classifier(), models.make_generator(8, (12, 12, 1)), eps=0.1,
+                             label_smoothing=smoothing)
+            model.compile(classifier_optimizer="sgd", generator_optimizer="sgd")
+        else:
+            model = baselines.METHODS[name](tiny_classifier(), eps=0.1, label_smoothing=smoothing)
+            model.compile(optimizer="sgd")
+        before = model.classifier(x).numpy()
+        return model.train_on_batch(x, y, return_dict=True)["loss"], before
+
+    plain, logits = first_loss(0.0)
+    smoothed, _ = first_loss(0.5)
+    assert smoothed != pytest.approx(plain, rel=1e-3)
+    if name == "natural":  # the first step's loss is the smoothed cross-entropy at the initial weights
+        expected = keras.losses.categorical_crossentropy(smooth_labels(y, 4, 0.5), logits, from_logits=True)
+        assert smoothed == pytest.approx(float(np.mean(expected)), rel=1e-5)
