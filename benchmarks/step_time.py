@@ -20,7 +20,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from rvs_tf import baselines, models, sinkhorn  # noqa: E402
+from rvs_tf import baselines, models  # noqa: E402
 from rvs_tf.training import RVSModel  # noqa: E402
 
 METHODS = ("natural", "fgsm_rs", "pgd10", "trades", "rvs_alternating", "rvs_simultaneous")

@@ -20,7 +20,6 @@ Shell: `rvs-evaluate --model=saved_models/<name>/<version>` or `python -m rvs_tf
 """
 import dataclasses
 import json
-import math
 import numbers
 import os
 import sys
