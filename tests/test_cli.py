@@ -85,6 +85,20 @@ def test_export_layout_and_metadata(trained):
     assert "Exported to" in resumed.stdout
 
 
+def test_rerunning_a_finished_command_exports_nothing_new(trained):
+    tmp, _, _ = trained
+    config = tmp / "run" / "config.json"
+    saved = json.loads(config.read_text())
+    for added_later in ("augment", "pad"):  # a run written before these flags existed still resumes
+        saved.pop(added_later)
+    config.write_text(json.dumps(saved))
+    before = snapshot(tmp / "exports")
+    result = run(command(tmp, epochs=5))
+    assert result.returncode == 0, result.stderr
+    assert "already exported to" in result.stdout
+    assert snapshot(tmp / "exports") == before
+
+
 def test_rvs_export_writes_the_next_version(trained):
     tmp, _, _ = trained
     result = run([os.path.join(BIN, "rvs-export"), f"--model={tmp / 'run'}",
@@ -100,6 +114,9 @@ def test_rvs_export_writes_the_next_version(trained):
     (["--ot_cost_scale=huge"], "--ot_cost_scale"),
     (["--lr_drop_epochs=ten"], "--lr_drop_epochs"),
     (["--batch_size=1"], "batch_size"),
+    (["--pad=-1"], "pad"),
+    (["--augment=rotate"], "--augment"),
+    (["--augment=crop"], "--workdir"),
     (["--lr=0.2"], "--workdir"),  # resuming a run with other settings would mix two experiments
 ])
 def test_bad_flags_fail_at_start_and_leave_the_run_intact(trained, extra, expected):

@@ -24,6 +24,11 @@ flags.DEFINE_string("data_dir", None, "TFDS data directory (TFDS default when un
 flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "Folder of the IDX .gz files.")
 flags.DEFINE_integer("validation_size", 5000, "Training examples held out for validation (each epoch "
                      "reports clean and PGD accuracy on all of them).", lower_bound=1)
+flags.DEFINE_enum("augment", "default", ["default", "none", "crop", "crop_flip"],
+                  "Training augmentation: 'default' is the dataset's (CIFAR: crop_flip; SVHN, MNIST, "
+                  "Fashion-MNIST: none), 'crop' is a random crop after --pad pixels of zero padding.")
+flags.DEFINE_integer("pad", 4, "Zero padding per side before the random crop (the RVS authors use 2).",
+                     lower_bound=0)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=2)
 flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", None, "Cap on steps per epoch (default: one pass over the data).",
@@ -97,9 +102,11 @@ flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mi
                   "Keras dtype policy; logits, losses and the OT term stay float32. mixed_float16 is for "
                   "GPUs (emulated, very slow on CPU).")
 
+EXPORT_RECORD = "export.json"  # in --workdir: where this run's classifier was last exported
+
 # Flags that define a run: resuming with different values would mix two experiments.
-RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_ratio", "dataset",
-             "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim", "eps", "bound",
+RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_ratio", "dataset", "augment",
+             "pad", "validation_size", "batch_size", "arch", "wrn_depth", "wrn_width", "noise_dim", "eps", "bound",
              "random_start", "label_smoothing", "ot_weight", "ot_on", "ot_epsilon", "ot_cost_scale",
              "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight", "rvs_update",
              "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
@@ -272,8 +279,9 @@ def main(argv):
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as handle:
                 saved = json.load(handle)
+            # A flag added after the run was written counts as unchanged while it keeps its default.
             changed = {k: (saved.get(k), v) for k, v in run_config().items()
-                       if json.loads(json.dumps(v)) != saved.get(k)}
+                       if json.loads(json.dumps(v)) != saved.get(k, json.loads(json.dumps(FLAGS[k].default)))}
             if changed:
                 raise ValueError(
                     f"--workdir: {workdir!r} holds a run with other settings "
@@ -282,7 +290,8 @@ def main(argv):
         keras.utils.set_random_seed(FLAGS.seed)
         train_ds, val_ds, test_ds, info = data.make_datasets(
             FLAGS.dataset, batch_size=FLAGS.batch_size, validation_size=FLAGS.validation_size,
-            data_dir=FLAGS.data_dir, idx_dir=FLAGS.idx_dir, seed=FLAGS.seed)
+            data_dir=FLAGS.data_dir, idx_dir=FLAGS.idx_dir, seed=FLAGS.seed,
+            augment=None if FLAGS.augment == "default" else FLAGS.augment, pad=FLAGS.pad)
         steps_per_epoch = FLAGS.steps_per_epoch or info.num_train // FLAGS.batch_size
         with strategy.scope():
             model = build_model(info, steps_per_epoch)
@@ -325,6 +334,14 @@ def main(argv):
     best_epoch = checkpoint.load_best(model)
     minutes = (time.time() - started) / 60
     print(f"Training done in {minutes:.1f} min; best epoch by val_pgd_accuracy: {best_epoch}")
+    record_path = os.path.join(workdir, EXPORT_RECORD)
+    previous = _read_export_record(record_path)
+    if (FLAGS.export and initial_epoch >= FLAGS.epochs and previous.get("best_epoch") == best_epoch
+            and os.path.dirname(os.path.abspath(previous.get("path", "/"))) == os.path.abspath(
+                os.path.join(FLAGS.export_dir, name))
+            and os.path.isdir(previous["path"])):
+        print(f"Nothing to do: this run's best classifier is already exported to {previous['path']}")
+        return
 
     test_clean = _accuracy(model.classifier, test_ds)
     metadata = {
@@ -341,7 +358,16 @@ def main(argv):
             path = export.export_classifier(model.classifier, FLAGS.export_dir, name, metadata=metadata)
         except (OSError, ValueError) as error:
             _fail(error)
+        write_json_atomic(record_path, {"path": path, "best_epoch": best_epoch})
         print(f"Exported to {path}")
+
+
+def _read_export_record(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
 
 
 def save_classifier(classifier, workdir, metadata):
