@@ -24,6 +24,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -182,10 +183,49 @@ def default_output_dir(path):
     return os.path.join(parent, f"eval_{version if version is not None else 'model'}")
 
 
+def mixed_policies(model):
+    """Names of the mixed-precision dtype policies among the model's layers."""
+    return sorted({layer.dtype_policy.name for layer in model._flatten_layers()
+                   if layer.dtype_policy.name.startswith("mixed")})
+
+
+def float32_copy(model):
+    """A float32 twin of a mixed-precision Keras model (same weights), or the model itself if it already
+    computes in float32.
+
+    Attacks need float32 gradients: in float16, small input gradients underflow to zero and a white-box
+    attack fails where it would succeed, which reads as robustness (a form of gradient masking).
+    """
+    mixed = mixed_policies(model)
+    if not mixed:
+        return model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")  # for sublayers that layers create in their constructors
+    try:
+        copy = keras.models.clone_model(
+            model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(),
+                                                                             "dtype": "float32"}))
+    except Exception as error:  # e.g. a subclassed model that clone_model cannot rebuild
+        raise ValueError(f"model: computes in {mixed}; attacks need a float32 copy, which "
+                         f"keras.models.clone_model could not build ({error}). Rebuild the model under "
+                         f"the float32 policy, load its weights, and evaluate that.") from error
+    finally:
+        keras.config.set_dtype_policy(previous)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def load_model(model):
-    """Keras model or model path -> (logits callable, metadata dict, description string)."""
+    """Keras model or model path -> (logits callable, metadata dict, description string).
+
+    A mixed-precision Keras model is evaluated through its float32 copy (see `float32_copy`)."""
     if isinstance(model, keras.Model):
-        return model, {}, f"Keras model '{model.name}'"
+        from rvs_tf.training import RobustModel
+        if isinstance(model, RobustModel) and mixed_policies(model):
+            model = model.classifier  # the classifier is what is attacked; it is functional, so it clones
+        copy = float32_copy(model)
+        note = "" if copy is model else f" (float32 copy of its {'/'.join(mixed_policies(model))} weights)"
+        return copy, {}, f"Keras model '{model.name}'{note}"
     if callable(model) and not isinstance(model, (str, os.PathLike)):
         return model, {}, getattr(model, "__name__", type(model).__name__)
     if not isinstance(model, (str, os.PathLike)):
@@ -196,7 +236,10 @@ def load_model(model):
             import rvs_tf.models  # noqa: F401
         except ImportError:
             pass
-        return keras.saving.load_model(path, compile=False), {}, path
+        loaded = keras.saving.load_model(path, compile=False)
+        copy = float32_copy(loaded)
+        note = "" if copy is loaded else f" (float32 copy of its {'/'.join(mixed_policies(loaded))} weights)"
+        return copy, {}, path + note
     loaded = tf.saved_model.load(path)
     if "serving_default" not in loaded.signatures:
         raise ValueError(f"model: SavedModel at {path!r} has no 'serving_default' signature "
@@ -212,7 +255,14 @@ def load_model(model):
     def logits_fn(x, _signature=signature, _name=inputs[0], _keep=loaded):
         return _signature(**{_name: x})["logits"]
 
-    return logits_fn, export.read_metadata(path), path
+    metadata = export.read_metadata(path)
+    policy = (metadata.get("flags") or {}).get("mixed_precision", "float32")
+    if policy != "float32":  # the export computes as it was trained; its gradients may underflow
+        warnings.warn(f"model: {path} computes in {policy}, so attack gradients may underflow and "
+                      "overstate robustness; for trustworthy figures evaluate the run's "
+                      "best_classifier.keras, which is evaluated through a float32 copy", stacklevel=2)
+        path = f"{path} (computes in {policy})"
+    return logits_fn, metadata, path
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -171,3 +171,32 @@ def test_report_rejects_bad_input():
         evaluate.robustness_report(model, (x + 2, y), eps=0.1, progress=False)
     with pytest.raises(ValueError, match="attacks"):
         evaluate.robustness_report(model, (x, y), eps=0.1, attacks="pgd7")
+
+
+def test_mixed_precision_models_are_attacked_through_a_float32_copy(tmp_path):
+    from rvs_tf import distribute, models
+    try:
+        distribute.set_mixed_precision("mixed_float16")
+        mixed = models.build_classifier("small_cnn", (28, 28, 1), 10)
+    finally:
+        distribute.set_mixed_precision("float32")
+    assert any(layer.compute_dtype == "float16" for layer in mixed.layers)
+    path = str(tmp_path / "mixed.keras")
+    mixed.save(path)
+    x = tf.random.stateless_uniform([8, 28, 28, 1], seed=[1, 2])
+    for source in (mixed, path):
+        copy, _, name = evaluate.load_model(source)
+        assert "float32 copy of its mixed_float16 weights" in name
+        assert all(layer.compute_dtype == "float32" for layer in copy._flatten_layers())
+        assert all(np.array_equal(a, b) for a, b in zip(copy.get_weights(), mixed.get_weights()))
+        np.testing.assert_allclose(copy(x), tf.cast(mixed(x), tf.float32), atol=2e-2)
+    plain = models.build_classifier("small_cnn", (28, 28, 1), 10)
+    assert evaluate.float32_copy(plain) is plain
+    try:
+        distribute.set_mixed_precision("mixed_float16")
+        from rvs_tf.baselines import NaturalModel
+        trainer = NaturalModel(models.build_classifier("small_cnn", (28, 28, 1), 10), eps=0.1)
+    finally:
+        distribute.set_mixed_precision("float32")
+    copy, _, name = evaluate.load_model(trainer)
+    assert "float32 copy" in name and copy.dtype_policy.compute_dtype == "float32"
