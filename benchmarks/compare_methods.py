@@ -39,6 +39,9 @@ ROWS = {
     "rvs_paired_mse": (["--method=rvs", "--feature_distance=paired_mse"],
                        "RVS, OT replaced by paired mean squared feature distance"),
     "rvs_ot_logits": (["--method=rvs", "--ot_on=logits"], "RVS, OT on logits instead of features"),
+    # The best of the variants screened by validation PGD-10 (benchmarks/screen_rvs_variants.sh).
+    "rvs_ot_mean": (["--method=rvs", "--ot_cost_scale=mean"],
+                    "RVS variant: OT epsilon 0.01 x mean cost (converged Sinkhorn; the library default)"),
 }
 
 
@@ -126,6 +129,7 @@ def write_results(options):
         lines.append(f"| {name}: {what} | {interval(report['clean'])} | {interval(pgd) if pgd else ''} | "
                      f"**{interval(report['worst_case'])}** | {row['seconds_per_epoch']:.0f} | {ratio} | "
                      f"`{' '.join(flags)}` |")
+    lines += seed_spread(done)
     lines += ["", "Sanity checks (from each report):", ""]
     for name, row in done.items():
         summary = ", ".join(f"{check['name']}: {'pass' if check['passed'] else 'FAIL'}"
@@ -137,6 +141,24 @@ def write_results(options):
         handle.write("\n".join(lines) + "\n")
     plot_tradeoff(done, natural_seconds)
     print("\n".join(lines))
+
+
+def seed_spread(done):
+    """Rows `X_seedN` next to row `X`: the spread over seeds of clean and worst-case accuracy."""
+    groups = {}
+    for name in done:
+        groups.setdefault(name.split("_seed")[0], []).append(name)
+    lines = []
+    for base, names in groups.items():
+        if len(names) < 2 or base not in done:
+            continue
+        figures = []
+        for key in ("clean", "worst_case"):
+            values = [100 * done[name]["report"][key]["accuracy"] for name in names]
+            figures.append(f"{key.replace('_', ' ')} {' / '.join(f'{v:.1f}' for v in values)} "
+                           f"(mean {sum(values) / len(values):.1f}, range {max(values) - min(values):.1f})")
+        lines.append(f"- {base} over {len(names)} seeds ({', '.join(names)}): {'; '.join(figures)}")
+    return ["", "Spread over seeds (same flags, `--seed` differs):", "", *lines] if lines else []
 
 
 def plot_tradeoff(done, natural_seconds):
