@@ -317,6 +317,9 @@ def main(argv):
     print(f"Training {FLAGS.method} on {info.name} ({info.num_train} train / {info.num_validation} validation), "
           f"{FLAGS.arch}, eps={FLAGS.eps:.4g}; val_pgd_accuracy = PGD-{FLAGS.eval_pgd_steps} (CE, random "
           f"start, 1 restart, eps={FLAGS.eps:.4g}) on the validation split")
+    if FLAGS.method != "rvs" and FLAGS.label_smoothing:
+        print(f"Note: --label_smoothing={FLAGS.label_smoothing:g} with --method={FLAGS.method}; its paper "
+              "trains without (--label_smoothing=0), and smoothing can mask gradients")
     worker_logs = distribute.worker_dir(log_dir, strategy)
     callbacks = [checkpoint, keras.callbacks.TensorBoard(worker_logs),
                  ImageSummaries(worker_logs, sample_images, sample_labels)]
