@@ -177,7 +177,7 @@ def plot_tradeoff(done, natural_seconds):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 6))
-    for name, row in done.items():
+    for index, (name, row) in enumerate(done.items()):
         report = row["report"]
         clean, worst = report["clean"], report["worst_case"]
         ratio = row["seconds_per_epoch"] / natural_seconds if natural_seconds else 1.0
@@ -188,7 +188,7 @@ def plot_tradeoff(done, natural_seconds):
                             [100 * (clean["ci95"][1] - clean["accuracy"])]],
                       fmt="o", markersize=4 + 3 * ratio, alpha=0.8, capsize=3)
         axes.annotate(f"{name} ({ratio:.1f}x)", (100 * worst["accuracy"], 100 * clean["accuracy"]),
-                      textcoords="offset points", xytext=(6, 4), fontsize=8)
+                      textcoords="offset points", xytext=(6, (4, -12, 16)[index % 3]), fontsize=8)  # staggered
     axes.set_xlabel("worst-case robust accuracy over the ensemble (%), eps 0.1")
     axes.set_ylabel("clean accuracy (%)")
     axes.set_title("Fashion-MNIST: clean vs robust accuracy (marker size and label: epoch time / natural)")
