@@ -4,8 +4,8 @@ compare_methods.py (the test images are never used for the choice).
   python benchmarks/screen_rvs_variants.py                 # every variant, ~2.5 min each on 2 CPU cores
   python benchmarks/screen_rvs_variants.py --variants=tanh,clean_ce
 
-Each variant is `rvs-train --flagfile=flags/fashion_mnist.cfg` with compare_methods.py's budget plus the
-variant's flags; the table gives, per epoch, validation PGD-10 and clean accuracy (2,000 held-out training
+Each variant is `rvs-train --flagfile=flags/fashion_mnist.cfg` with compare_methods.py's budget (3 epochs of
+150 steps) but the quick start's lr drop at epoch 2, plus the variant's flags; the table gives, per epoch, validation PGD-10 and clean accuracy (2,000 held-out training
 images) and the epoch the run would keep (best validation PGD-10). Finished variants are skipped on rerun.
 """
 import argparse

@@ -190,15 +190,15 @@ def mixed_policies(model):
 
 
 def float32_copy(model):
-    """A float32 twin of a mixed-precision Keras model (same weights), or the model itself if it already
-    computes in float32.
+    """(model, note): a float32 twin of a mixed-precision Keras model (same weights) and a note saying so
+    for the report, or the model itself and "" if it already computes in float32.
 
     Attacks need float32 gradients: in float16, small input gradients underflow to zero and a white-box
     attack fails where it would succeed, which reads as robustness (a form of gradient masking).
     """
     mixed = mixed_policies(model)
     if not mixed:
-        return model
+        return model, ""
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")  # for sublayers that layers create in their constructors
     try:
@@ -212,7 +212,7 @@ def float32_copy(model):
     finally:
         keras.config.set_dtype_policy(previous)
     copy.set_weights(model.get_weights())
-    return copy
+    return copy, f" (float32 copy of its {'/'.join(mixed)} weights)"
 
 
 def load_model(model):
@@ -223,8 +223,7 @@ def load_model(model):
         from rvs_tf.training import RobustModel
         if isinstance(model, RobustModel) and mixed_policies(model):
             model = model.classifier  # the classifier is what is attacked; it is functional, so it clones
-        copy = float32_copy(model)
-        note = "" if copy is model else f" (float32 copy of its {'/'.join(mixed_policies(model))} weights)"
+        copy, note = float32_copy(model)
         return copy, {}, f"Keras model '{model.name}'{note}"
     if callable(model) and not isinstance(model, (str, os.PathLike)):
         return model, {}, getattr(model, "__name__", type(model).__name__)
@@ -236,9 +235,7 @@ def load_model(model):
             import rvs_tf.models  # noqa: F401
         except ImportError:
             pass
-        loaded = keras.saving.load_model(path, compile=False)
-        copy = float32_copy(loaded)
-        note = "" if copy is loaded else f" (float32 copy of its {'/'.join(mixed_policies(loaded))} weights)"
+        copy, note = float32_copy(keras.saving.load_model(path, compile=False))
         return copy, {}, path + note
     loaded = tf.saved_model.load(path)
     if "serving_default" not in loaded.signatures:

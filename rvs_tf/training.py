@@ -364,11 +364,11 @@ class RVSModel(RobustModel):
         return {"classifier_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer}
 
     def compile(self, classifier_optimizer="sgd", generator_optimizer="sgd", **kwargs):
+        """Compile with one optimizer per player. Both are built on their variables here, inside the
+        model's strategy scope, which is what makes a two-optimizer step work under MirroredStrategy."""
         if "optimizer" in kwargs or "loss" in kwargs or "metrics" in kwargs:
             raise ValueError("RVSModel.compile takes classifier_optimizer= and generator_optimizer= (its "
                              "losses and metrics are built in), got " + ", ".join(sorted(kwargs)))
-        """Compile with one optimizer per player. Both are built on their variables here, inside the
-        model's strategy scope, which is what makes a two-optimizer step work under MirroredStrategy."""
         self.generator_optimizer = keras.optimizers.get(generator_optimizer)
         if keras.config.dtype_policy().name == "mixed_float16" and not isinstance(
                 self.generator_optimizer, keras.optimizers.LossScaleOptimizer):
