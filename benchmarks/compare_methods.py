@@ -4,10 +4,12 @@ and attack ensemble; only the method differs. Writes benchmarks/RESULTS.md and b
   python benchmarks/compare_methods.py                      # every row (hours on 2 CPU cores)
   python benchmarks/compare_methods.py --rows=natural,pgd,rvs
   python benchmarks/compare_methods.py --report_only        # rebuild RESULTS.md / tradeoff.png
+  python benchmarks/compare_methods.py --rows=nfgsm,nfgsm_seed1,fgsm_pgi,fgsm_pgi_seed1,rvs_init,rvs_init_seed1
 
 Each row is `rvs-train --flagfile=flags/fashion_mnist.cfg` plus the row's flags and the shared budget,
 then `rvs-evaluate` on the first --eval_examples test images. Finished rows are kept under --workdir and
-skipped on the next run, so an interrupted comparison resumes where it stopped.
+skipped on the next run, so an interrupted comparison resumes where it stopped; each row's figures go to
+benchmarks/results/<row>.json (kept in git), from which the table and the plot are made.
 """
 import argparse
 import json
@@ -50,6 +52,34 @@ ROWS = {
     "rvs_ot_mean": (["--method=rvs", "--ot_cost_scale=mean"],
                     "RVS variant: OT epsilon 0.01 x mean cost (converged Sinkhorn; the library default)"),
 }
+# Today's single-step front (issue 13), two seeds each.
+SINGLE_STEP = {
+    "nfgsm": (["--method=nfgsm", "--nfgsm_noise_ratio=2", "--single_step_ratio=1", "--label_smoothing=0"],
+              "N-FGSM (de Jorge et al. 2022): noise U(-2 eps, 2 eps), step eps, no projection"),
+    "fgsm_pgi": (["--method=fgsm_pgi", "--pairing_weight=10", "--label_smoothing=0.4"],
+                 "FGSM-PGI (Jia et al. 2022), batch prior, logit pairing 10, label smoothing 0.4"),
+    # The variant chosen by benchmarks/screen_rvs_variants.py on validation PGD-10 (FINDINGS.md).
+    "rvs_init": (["--method=rvs_init", "--generator_optimizer=adam", "--generator_lr=0.001",
+                  "--label_smoothing=0"], "learned initialisation (rvs_init): generator of [x, sign grad, z] "
+                 "sets the start of one FGSM step"),
+}
+for _name, (_flags, _what) in SINGLE_STEP.items():
+    ROWS[_name] = (_flags, _what)
+    ROWS[f"{_name}_seed1"] = (_flags + ["--seed=1"], f"{_name}, seed 1")
+# The larger budget, where FGSM-RS is expected to collapse: every single-step row, and PGD-AT as reference.
+LARGE_EPS = 0.2
+for _name in ("fgsm_rs", "pgd", "nfgsm", "fgsm_pgi", "rvs_init", "rvs"):
+    _flags = ROWS[_name][0] + [f"--eps={LARGE_EPS}"]
+    ROWS[f"{_name}_eps{LARGE_EPS}"] = (_flags, f"{_name} at eps {LARGE_EPS}")
+    if _name != "rvs":
+        ROWS[f"{_name}_eps{LARGE_EPS}_seed1"] = (_flags + ["--seed=1"], f"{_name} at eps {LARGE_EPS}, seed 1")
+FAMILIES = {  # --method -> (family, colour)
+    "natural": ("natural", "tab:gray"), "fgsm_rs": ("single-step", "tab:blue"),
+    "nfgsm": ("single-step", "tab:blue"), "fgsm_pgi": ("single-step", "tab:blue"),
+    "pgd": ("multi-step", "tab:red"), "trades": ("multi-step", "tab:red"),
+    "rvs": ("RVS (generator of z)", "tab:orange"), "rvs_init": ("learned initialisation", "tab:green"),
+}
+RESULTS_DIR = os.path.join(HERE, "results")  # one small JSON per finished row, kept in git
 
 
 def run(args, log):
@@ -62,33 +92,62 @@ def run(args, log):
         raise SystemExit(f"failed ({result.returncode}): {' '.join(args)}; see {log}")
 
 
+def row_method(name):
+    return next(f.split("=", 1)[1] for f in ROWS[name][0] if f.startswith("--method="))
+
+
+def row_eps(name):
+    return float(next((f.split("=", 1)[1] for f in ROWS[name][0] if f.startswith("--eps=")), 0.1))
+
+
 def run_row(name, options):
     flags, _ = ROWS[name]
     folder = os.path.join(options.workdir, name)
     report_path = os.path.join(folder, "eval", "report.json")
-    if os.path.isfile(report_path):
-        return
-    os.makedirs(folder, exist_ok=True)
-    log = os.path.join(folder, "log.txt")
-    budget = [f"--epochs={options.epochs}", f"--steps_per_epoch={options.steps_per_epoch}",
-              f"--lr_drop_epochs={options.lr_drop_epochs}"]
-    run([os.path.join(BIN, "rvs-train"), "--flagfile=flags/fashion_mnist.cfg", *flags, *budget,
-         f"--workdir={folder}/run", f"--export_dir={folder}/export", f"--name={name}"], log)
-    run([os.path.join(BIN, "rvs-evaluate"), f"--model={folder}/export/{name}", f"--attacks={options.attacks}",
-         f"--num_examples={options.eval_examples}", f"--output_dir={folder}/eval", "--noprogress"], log)
+    if not os.path.isfile(report_path):
+        os.makedirs(folder, exist_ok=True)
+        log = os.path.join(folder, "log.txt")
+        budget = [f"--epochs={options.epochs}", f"--steps_per_epoch={options.steps_per_epoch}",
+                  f"--lr_drop_epochs={options.lr_drop_epochs}"]
+        run([os.path.join(BIN, "rvs-train"), "--flagfile=flags/fashion_mnist.cfg", *flags, *budget,
+             f"--workdir={folder}/run", f"--export_dir={folder}/export", f"--name={name}"], log)
+        run([os.path.join(BIN, "rvs-evaluate"), f"--model={folder}/export/{name}",
+             f"--attacks={options.attacks}", f"--num_examples={options.eval_examples}",
+             f"--output_dir={folder}/eval", "--noprogress"], log)
+    save_summary(name, folder, options)
 
 
-def load_row(name, options):
-    folder = os.path.join(options.workdir, name)
+def save_summary(name, folder, options):
+    """benchmarks/results/<row>.json: what the table and the plot need, kept in git (the runs are not)."""
+    with open(os.path.join(folder, "eval", "report.json"), encoding="utf-8") as handle:
+        report = json.load(handle)
+    with open(os.path.join(folder, "run", "checkpoints", "state.json"), encoding="utf-8") as handle:
+        state = json.load(handle)
+    history = state["history"]
+    seconds = [epoch["train_seconds"] for epoch in history.values() if "train_seconds" in epoch]
+    summary = {
+        "row": name, "flags": ROWS[name][0], "budget": {"epochs": options.epochs,
+                                                       "steps_per_epoch": options.steps_per_epoch,
+                                                       "lr_drop_epochs": options.lr_drop_epochs},
+        "eval": {"attacks": options.attacks, "examples": options.eval_examples},
+        "seconds_per_epoch": sum(seconds) / max(1, len(seconds)),
+        "catastrophic_overfitting_epochs": sorted(int(e) for e, logs in history.items()
+                                                  if logs.get("catastrophic_overfitting")),
+        "validation": {e: {k: v for k, v in logs.items() if k.startswith("val_")} for e, logs in history.items()},
+        "report": {key: report[key] for key in ("clean", "worst_case", "attacks", "sanity_checks", "eps")
+                   if key in report},
+    }
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1, sort_keys=True, default=str)
+
+
+def load_row(name):
     try:
-        with open(os.path.join(folder, "eval", "report.json"), encoding="utf-8") as handle:
-            report = json.load(handle)
-        with open(os.path.join(folder, "run", "checkpoints", "state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
+        with open(os.path.join(RESULTS_DIR, f"{name}.json"), encoding="utf-8") as handle:
+            return json.load(handle)
     except FileNotFoundError:
         return None
-    seconds = [epoch["train_seconds"] for epoch in state["history"].values() if "train_seconds" in epoch]
-    return {"report": report, "seconds_per_epoch": sum(seconds) / max(1, len(seconds))}
 
 
 def attack_accuracy(report, prefix):
@@ -103,52 +162,89 @@ def interval(entry):
     return f"{100 * entry['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def step_ratios():
+    """{method: step time / natural step} on the small CNN from benchmarks/step_time_cpu.json, if any."""
+    try:
+        with open(os.path.join(HERE, "step_time_cpu.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("small_cnn", {})
+    except FileNotFoundError:
+        return {}
+
+
+def cost_ratio(name, row, natural_seconds, ratios):
+    """(ratio to natural training, source): the step-time benchmark's for the row's method when it was
+    timed there (one process, round-robin), else the row's epoch time over natural training's."""
+    method = row_method(name)
+    key = {"pgd": "pgd10", "rvs": "rvs_simultaneous" if "--rvs_update=simultaneous" in ROWS[name][0]
+           else "rvs_alternating"}.get(method, method)
+    plain = not any(f.startswith(("--freeze", "--feature_distance", "--ot_")) for f in ROWS[name][0])
+    if key in ratios and plain:
+        return ratios[key], "step"
+    return (row["seconds_per_epoch"] / natural_seconds if natural_seconds else float("nan")), "epoch"
+
+
 def write_results(options):
-    rows = {name: load_row(name, options) for name in ROWS}
+    rows = {name: load_row(name) for name in ROWS}
     done = {name: row for name, row in rows.items() if row}
     # Label smoothing costs nothing, so natural_ls0.5 times natural training when that row is missing.
     reference = next((done[name] for name in ("natural", "natural_ls0.5") if name in done), None)
     natural_seconds = reference["seconds_per_epoch"] if reference else None
+    ratios = step_ratios()
     first = next(iter(done.values()))["report"] if done else None
     lines = [
-        "# Defences and ablations on Fashion-MNIST, eps 0.1",
+        "# Defences and ablations on Fashion-MNIST, eps 0.1 and 0.2",
         "",
         "Made by `python benchmarks/compare_methods.py` (see its docstring). Every row: "
         f"`flags/fashion_mnist.cfg` (small CNN, Adam 1e-3, batch 128), {options.epochs} epochs of "
         f"{options.steps_per_epoch} steps, the row's flags; evaluated on the first {options.eval_examples} "
-        f"Fashion-MNIST test images (the same for every row) with `rvs-evaluate --attacks={options.attacks}`.",
+        f"Fashion-MNIST test images (the same for every row) with `rvs-evaluate --attacks={options.attacks}` "
+        "at the eps the row trained with. Each finished row is kept in `benchmarks/results/<row>.json`.",
         "Accuracies in %, 95% Clopper-Pearson intervals in brackets. The worst case counts an image as robust "
         "only if no attack of the ensemble broke it; PGD-20 alone is shown for comparison with the "
-        "literature and is not a robust accuracy.",
+        "literature and is not a robust accuracy. `step x nat.`: train-step time over natural training's from "
+        "`benchmarks/step_time.py` (one process, round-robin; `*`: the row's epoch time over natural "
+        "training's instead, noisier). `CO`: epochs where validation FGSM accuracy exceeded PGD-10 accuracy "
+        "by more than 30 points (catastrophic overfitting; `-`: none, `?`: not recorded).",
         "",
     ]
     if first:
         attack_names = "; ".join(f"{a['description']} [{a['accuracy_kind']}]" for a in first["attacks"])
         lines += [f"Ensemble: {attack_names}.", ""]
-    lines += ["| row | clean | PGD-20 | worst case (ensemble) | s/epoch | x natural | flags |",
-              "|---|---|---|---|---|---|---|"]
-    for name, (flags, what) in ROWS.items():
-        row = rows[name]
-        if not row:
-            lines.append(f"| {name} | not run | | | | | `{' '.join(flags)}` |")
-            continue
-        report = row["report"]
-        pgd = attack_accuracy(report, "PGD-20")
-        ratio = f"{row['seconds_per_epoch'] / natural_seconds:.2f}" if natural_seconds else ""
-        lines.append(f"| {name}: {what} | {interval(report['clean'])} | {interval(pgd) if pgd else ''} | "
-                     f"**{interval(report['worst_case'])}** | {row['seconds_per_epoch']:.0f} | {ratio} | "
-                     f"`{' '.join(flags)}` |")
+    for eps in sorted({row_eps(name) for name in ROWS}):
+        lines += [f"## eps {eps:g}", "",
+                  "| row | clean | PGD-20 | worst case (ensemble) | s/epoch | step x nat. | CO | flags |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, (flags, what) in ROWS.items():
+            if row_eps(name) != eps:
+                continue
+            row = rows[name]
+            if not row:
+                lines.append(f"| {name} | not run | | | | | | `{' '.join(flags)}` |")
+                continue
+            report = row["report"]
+            pgd = attack_accuracy(report, "PGD-20")
+            ratio, source = cost_ratio(name, row, natural_seconds, ratios)
+            co = row.get("catastrophic_overfitting_epochs")
+            co_text = "?" if co is None else (", ".join(map(str, co)) or "-")
+            lines.append(f"| {name}: {what} | {interval(report['clean'])} | {interval(pgd) if pgd else ''} | "
+                         f"**{interval(report['worst_case'])}** | {row['seconds_per_epoch']:.0f} | "
+                         f"{ratio:.2f}{'' if source == 'step' else '*'} | {co_text} | `{' '.join(flags)}` |")
+        lines.append("")
     lines += seed_spread(done)
     lines += ["", "Sanity checks (from each report):", ""]
     for name, row in done.items():
         summary = ", ".join(f"{check['name']}: {'pass' if check['passed'] else 'FAIL'}"
                             for check in row["report"].get("sanity_checks", []))
         lines.append(f"- {name}: {summary}")
+    recovered = [name for name, row in done.items() if row.get("recovered_from")]
+    if recovered:
+        lines += ["", f"Rows recovered from the table of an earlier RESULTS.md (per-epoch logs not kept): "
+                  f"{', '.join(recovered)}."]
     if os.path.isfile(os.path.join(HERE, "FINDINGS.md")):
         lines += ["", open(os.path.join(HERE, "FINDINGS.md"), encoding="utf-8").read().strip()]
     with open(os.path.join(HERE, "RESULTS.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
-    plot_tradeoff(done, natural_seconds)
+    plot_tradeoff(done, natural_seconds, ratios)
     print("\n".join(lines))
 
 
@@ -170,31 +266,113 @@ def seed_spread(done):
     return ["", "Spread over seeds (same flags, `--seed` differs):", "", *lines] if lines else []
 
 
-def plot_tradeoff(done, natural_seconds):
+def pareto_front(points):
+    """Indices of the points no other point beats on both cost (lower) and robustness (higher)."""
+    front = []
+    for i, (cost, robust) in enumerate(points):
+        if not any((c <= cost and r >= robust) and (c < cost or r > robust) for c, r in points):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def place_labels(axes, xs, ys, texts):
+    """Annotate each point at the first of several offsets whose box overlaps no earlier label."""
+    figure = axes.figure
+    frame = axes.get_window_extent(figure.canvas.get_renderer())
+    axes.set_xlim(axes.get_xlim())  # freeze the limits, so that the boxes measured now stay true
+    axes.set_ylim(axes.get_ylim())
+    renderer = figure.canvas.get_renderer()
+    from matplotlib.transforms import Bbox
+
+    points = [axes.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    taken = [Bbox.from_extents(px - 4, py - 4, px + 4, py + 4) for px, py in points]  # keep markers clear
+    offsets = [(dx, dy) for radius in (5, 12, 20, 30, 42, 56) for dx, dy in
+               ((radius, -3), (radius, radius), (radius, -radius), (-radius - 40, radius), (-radius - 40, -radius),
+                (-10, radius + 2), (-10, -radius - 9), (-radius - 60, -3))]
+    for x, y, text in zip(xs, ys, texts):
+        for dx, dy in offsets:
+            line = dict(arrowstyle="-", lw=0.4, alpha=0.5) if abs(dx) + abs(dy) > 15 else None
+            label = axes.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                                  arrowprops=line)
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                break
+            label.remove()
+        else:
+            taken.append(axes.annotate(text, (x, y), fontsize=7).get_window_extent(renderer))
+
+
+MAIN_ROWS = ("natural", "fgsm_rs", "nfgsm", "fgsm_pgi", "pgd", "trades", "rvs", "rvs_simultaneous", "rvs_init")
+
+
+def method_points(done, eps, natural_seconds, ratios):
+    """One point per main method at this eps: the mean over its seeds, and the range as the error bar."""
+    points = []
+    for base in MAIN_ROWS:
+        stem = base if eps == 0.1 else f"{base}_eps{eps:g}"
+        names = [n for n in done if n == stem or n.startswith(stem + "_seed")]
+        if not names:
+            continue
+        worst = [100 * done[n]["report"]["worst_case"]["accuracy"] for n in names]
+        clean = [100 * done[n]["report"]["clean"]["accuracy"] for n in names]
+        cost = cost_ratio(names[0], done[names[0]], natural_seconds, ratios)[0]
+        points.append(dict(name=base + (f" x{len(names)}" if len(names) > 1 else ""), worst=worst, clean=clean,
+                           cost=cost, colour=FAMILIES[row_method(names[0])][1]))
+    return points
+
+
+def _mean_and_range(values):
+    mean = sum(values) / len(values)
+    return mean, [[mean - min(values)], [max(values) - mean]]
+
+
+def plot_tradeoff(done, natural_seconds, ratios):
+    """tradeoff.png: per eps, clean against worst case, and worst case against training cost with the
+    cost/robustness front; main methods only (mean over seeds, bars: the range; `xN`: N seeds), the
+    ablations and controls as small unlabelled markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 6))
-    for index, (name, row) in enumerate(done.items()):
-        report = row["report"]
-        clean, worst = report["clean"], report["worst_case"]
-        ratio = row["seconds_per_epoch"] / natural_seconds if natural_seconds else 1.0
-        axes.errorbar(100 * worst["accuracy"], 100 * clean["accuracy"],
-                      xerr=[[100 * (worst["accuracy"] - worst["ci95"][0])],
-                            [100 * (worst["ci95"][1] - worst["accuracy"])]],
-                      yerr=[[100 * (clean["accuracy"] - clean["ci95"][0])],
-                            [100 * (clean["ci95"][1] - clean["accuracy"])]],
-                      fmt="o", markersize=4 + 3 * ratio, alpha=0.8, capsize=3)
-        axes.annotate(f"{name} ({ratio:.1f}x)", (100 * worst["accuracy"], 100 * clean["accuracy"]),
-                      textcoords="offset points", xytext=(6, (4, -12, 16)[index % 3]), fontsize=8)  # staggered
-    axes.set_xlabel("worst-case robust accuracy over the ensemble (%), eps 0.1")
-    axes.set_ylabel("clean accuracy (%)")
-    axes.set_title("Fashion-MNIST: clean vs robust accuracy (marker size and label: epoch time / natural)")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(os.path.join(HERE, "tradeoff.png"), dpi=120)
+    epsilons = sorted({row_eps(name) for name in done})
+    figure, grid = plt.subplots(len(epsilons), 2, figsize=(14, 6 * len(epsilons)), squeeze=False)
+    labels = []
+    for (left, right), eps in zip(grid, epsilons):
+        points = method_points(done, eps, natural_seconds, ratios)
+        others = [n for n in done if row_eps(n) == eps and n.split("_seed")[0].split("_eps")[0] not in MAIN_ROWS]
+        left.scatter([100 * done[n]["report"]["worst_case"]["accuracy"] for n in others],
+                     [100 * done[n]["report"]["clean"]["accuracy"] for n in others],
+                     c=[FAMILIES[row_method(n)][1] for n in others], s=12, alpha=0.35, label="ablations, controls")
+        for p in points:
+            (w, w_err), (c, c_err) = _mean_and_range(p["worst"]), _mean_and_range(p["clean"])
+            left.errorbar(w, c, xerr=w_err, yerr=c_err, fmt="o", color=p["colour"], capsize=2, markersize=6)
+            right.errorbar(p["cost"], w, yerr=w_err, fmt="o", color=p["colour"], capsize=2, markersize=6)
+            p.update(w=w, c=c)
+        front = pareto_front([(p["cost"], p["w"]) for p in points])
+        right.step([points[i]["cost"] for i in front], [points[i]["w"] for i in front], where="post",
+                   color="black", lw=1, alpha=0.6)
+        left.set(xlabel=f"worst-case robust accuracy over the ensemble (%), eps {eps:g}",
+                 ylabel="clean accuracy (%)", title=f"eps {eps:g}: clean against robust accuracy")
+        right.set(xscale="log", xlabel="training cost: step time / natural step (log scale)",
+                  ylabel=f"worst-case robust accuracy (%), eps {eps:g}",
+                  title=f"eps {eps:g}: robustness against training cost, with the front")
+        for axes in (left, right):
+            axes.grid(alpha=0.3)
+            axes.margins(x=0.12, y=0.08)
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colour, label=family)
+                   for family, colour in dict(FAMILIES.values()).items()]
+        right.legend(handles=handles + [plt.Line2D([], [], color="black", label="cost/robustness front")],
+                     fontsize=8, loc="lower right")
+        labels.append((left, [p["w"] for p in points], [p["c"] for p in points], [p["name"] for p in points]))
+        labels.append((right, [p["cost"] for p in points], [p["w"] for p in points],
+                       [f"{p['name']} ({p['cost']:.1f}x)" for p in points]))
+    figure.tight_layout()  # before the labels: it moves the axes, which would move points under them
+    for axes, xs, ys, texts in labels:
+        place_labels(axes, xs, ys, texts)
+    figure.savefig(os.path.join(HERE, "tradeoff.png"), dpi=110)
 
 
 def main():
@@ -215,6 +393,7 @@ def main():
         for name in options.rows.split(","):
             print(f"== {name}", flush=True)
             run_row(name, options)
+            write_results(options)
     write_results(options)
 
 

@@ -92,6 +92,7 @@ class RobustModel(keras.Model):
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         self.adv_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="adv_accuracy")
         self.pgd_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
+        self.fgsm_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="fgsm_accuracy")
         self.built = True
 
     # -- Keras plumbing ---------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class RobustModel(keras.Model):
     @property
     def metrics(self):
         return [self.loss_tracker, *self._extra_trackers(), self.accuracy_tracker,
-                self.adv_accuracy_tracker, self.pgd_accuracy_tracker]
+                self.adv_accuracy_tracker, self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker]
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Keras reads a batch here to build what `compile` left unbuilt. Everything of ours is built in
@@ -234,19 +235,116 @@ class RobustModel(keras.Model):
         return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int64), [-1])
 
     def test_step(self, data):
+        """Clean accuracy, and accuracy under FGSM and PGD (`eval_pgd_steps`, CE, random start) at eps.
+        A large FGSM-PGD gap is the signature of catastrophic overfitting (`rvs_tf.monitors`)."""
         x, y = self.unpack(data)
         clean_logits = self.logits(x, training=False)
-        x_pgd = attacks.pgd(lambda images: self.logits(images, training=False), x, y, eps=self.eps,
-                            steps=self.eval_pgd_steps)
+        inference = lambda images: self.logits(images, training=False)  # noqa: E731
+        x_pgd = attacks.pgd(inference, x, y, eps=self.eps, steps=self.eval_pgd_steps)
+        x_fgsm = attacks.fgsm(inference, x, y, eps=self.eps)
         self.loss_tracker.update_state(self.cross_entropy(self.targets(y), clean_logits))
         self.accuracy_tracker.update_state(y, clean_logits)
         self.pgd_accuracy_tracker.update_state(y, self.logits(x_pgd, training=False))
+        self.fgsm_accuracy_tracker.update_state(y, self.logits(x_fgsm, training=False))
         return {m.name: m.result() for m in (self.loss_tracker, self.accuracy_tracker,
-                                              self.pgd_accuracy_tracker)}
+                                              self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker)}
+
+
+class GeneratorGame(RobustModel):
+    """Base of the methods where a generator plays against the classifier: one optimizer per player,
+    both built in the strategy scope at `compile`, loss scaling for each under mixed precision, the
+    generator saved with the model, and the feature-matching term (entropic OT between the clean and
+    perturbed batches' features, or its paired-MSE ablation) that either player may use.
+
+    Args:
+      classifier, eps, label_smoothing, weight_decay, ...: as `RobustModel`.
+      generator: the perturbation generator (a Keras model); `trainable = False` freezes it.
+      feature_layer: the classifier's layer whose output the feature term compares.
+      ot_weight, ot_on, ot_epsilon, ot_cost_scale, ot_max_iters, ot_gradient, ot_debiased,
+        feature_distance: the feature term (see `RVSModel`).
+    """
+
+    def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, ot_weight=1.0,
+                 ot_on="features", ot_epsilon=0.01, ot_cost_scale="mean", ot_max_iters=100,
+                 ot_gradient="implicit", ot_debiased=False, feature_distance="sinkhorn", **kwargs):
+        super().__init__(classifier, eps=eps, **kwargs)
+        _check(isinstance(generator, keras.Model),
+               f"generator: expected a keras.Model, got {type(generator).__name__}")
+        _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
+        _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
+        _check(feature_distance in FEATURE_DISTANCES,
+               f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
+        self.generator = generator
+        self.feature_layer = feature_layer
+        self.ot_weight = float(ot_weight)
+        self.ot_on = ot_on
+        self.feature_distance = feature_distance
+        self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
+                               max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
+        # A two-headed view of the classifier (logits, features) sharing its layers. It is not tracked as
+        # a sub-layer, so saving stores the classifier's weights once, under `classifier`.
+        object.__setattr__(self, "_two_headed", self._make_two_headed(classifier, feature_layer))
+        sinkhorn.entropic_ot(tf.zeros([2, 3]), tf.ones([2, 3]), **self.ot_options)  # validates options now
+
+    @staticmethod
+    def _make_two_headed(classifier, feature_layer):
+        try:
+            features = classifier.get_layer(feature_layer).output
+        except ValueError:
+            names = [layer.name for layer in classifier.layers]
+            raise ValueError(f"feature_layer: classifier {classifier.name!r} has no layer "
+                             f"{feature_layer!r}; its layers are {names}") from None
+        except AttributeError:
+            raise ValueError("feature_layer: the classifier must be a functional or Sequential Keras "
+                             "model so that a named layer's output can be read") from None
+        return keras.Model(classifier.inputs, [classifier.outputs[0], features])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            generator=keras.saving.serialize_keras_object(self.generator),
+            feature_layer=self.feature_layer, ot_weight=self.ot_weight, ot_on=self.ot_on,
+            feature_distance=self.feature_distance,
+            **{f"ot_{key}": value for key, value in self.ot_options.items()})
+        return config
+
+    def _optimizers(self):
+        return {"classifier_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer}
+
+    def compile(self, classifier_optimizer="sgd", generator_optimizer="sgd", **kwargs):
+        """Compile with one optimizer per player. Both are built on their variables here, inside the
+        model's strategy scope, which is what makes a two-optimizer step work under MirroredStrategy."""
+        if "optimizer" in kwargs or "loss" in kwargs or "metrics" in kwargs:
+            raise ValueError(f"{type(self).__name__}.compile takes classifier_optimizer= and "
+                             "generator_optimizer= (its losses and metrics are built in), got "
+                             + ", ".join(sorted(kwargs)))
+        self.generator_optimizer = keras.optimizers.get(generator_optimizer)
+        if keras.config.dtype_policy().name == "mixed_float16" and not isinstance(
+                self.generator_optimizer, keras.optimizers.LossScaleOptimizer):
+            self.generator_optimizer = keras.optimizers.LossScaleOptimizer(self.generator_optimizer)
+        super().compile(optimizer=classifier_optimizer, **kwargs)
+
+    def _build_optimizers(self):
+        super()._build_optimizers()
+        with self.distribute_strategy.scope():
+            self.generator_optimizer.build(self.generator.trainable_variables)
+
+    def heads(self, x, training=True):
+        """(logits, feature-term inputs) of the classifier, in float32."""
+        logits, features = self._two_headed(x, training=training)
+        logits = tf.cast(logits, tf.float32)
+        return logits, (logits if self.ot_on == "logits" else tf.cast(features, tf.float32))
+
+    def transport_cost(self, clean, adversarial):
+        """The feature distance: entropic OT between the two batches (RVS), or the ablation control
+        "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i)."""
+        if self.feature_distance == "paired_mse":
+            return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
+        return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
-class RVSModel(RobustModel):
+class RVSModel(GeneratorGame):
     """Robustness-via-Synthesis: a generator of bounded perturbations trained against the classifier.
 
     Args:
@@ -296,89 +394,34 @@ class RVSModel(RobustModel):
     optimizers are `LossScaleOptimizer`s.
     """
 
-    def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, bound="clip",
-                 random_start=True, ot_weight=1.0, ot_on="features", ot_epsilon=0.01, ot_cost_scale="mean",
-                 ot_max_iters=100, ot_gradient="implicit", ot_debiased=False, clean_ce_weight=0.0,
-                 label_smoothing=0.5, rvs_update="alternating", feature_distance="sinkhorn", **kwargs):
-        super().__init__(classifier, label_smoothing=label_smoothing, eps=eps, **kwargs)
-        _check(isinstance(generator, keras.Model),
-               f"generator: expected a keras.Model, got {type(generator).__name__}")
+    def __init__(self, classifier, generator, *, eps, bound="clip", random_start=True, ot_weight=1.0,
+                 clean_ce_weight=0.0, label_smoothing=0.5, rvs_update="alternating", **kwargs):
+        super().__init__(classifier, generator, label_smoothing=label_smoothing, eps=eps, ot_weight=ot_weight,
+                         **kwargs)
         _check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
-        _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
-        _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
         _check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
-        _check(feature_distance in FEATURE_DISTANCES,
-               f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
         _check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
         image_shape = tuple(classifier.input_shape[1:])
         _check(tuple(generator.output_shape[1:]) == image_shape,
                f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
                f"classifier's input shape {image_shape}")
-        self.generator = generator
-        self.feature_layer = feature_layer
         self.bound = bound
         self.random_start = bool(random_start)
-        self.ot_weight = float(ot_weight)
-        self.ot_on = ot_on
         self.clean_ce_weight = float(clean_ce_weight)
         self.rvs_update = rvs_update
-        self.feature_distance = feature_distance
-        self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
-                               max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
         self.noise_dim = int(generator.input_shape[-1])
-        # A two-headed view of the classifier (logits, features) sharing its layers. It is not tracked as
-        # a sub-layer, so saving stores the classifier's weights once, under `classifier`.
-        object.__setattr__(self, "_two_headed", self._make_two_headed(classifier, feature_layer))
-        sinkhorn.entropic_ot(tf.zeros([2, 3]), tf.ones([2, 3]), **self.ot_options)  # validates options now
         self.ce_tracker = keras.metrics.Mean(name="ce_loss")
         self.ot_tracker = keras.metrics.Mean(name="ot_loss")
         self.generator_ot_tracker = keras.metrics.Mean(name="generator_ot")
-
-    @staticmethod
-    def _make_two_headed(classifier, feature_layer):
-        try:
-            features = classifier.get_layer(feature_layer).output
-        except ValueError:
-            names = [layer.name for layer in classifier.layers]
-            raise ValueError(f"feature_layer: classifier {classifier.name!r} has no layer "
-                             f"{feature_layer!r}; its layers are {names}") from None
-        except AttributeError:
-            raise ValueError("feature_layer: the classifier must be a functional or Sequential Keras "
-                             "model so that a named layer's output can be read") from None
-        return keras.Model(classifier.inputs, [classifier.outputs[0], features])
 
     def _extra_trackers(self):
         return [self.ce_tracker, self.ot_tracker, self.generator_ot_tracker]
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            generator=keras.saving.serialize_keras_object(self.generator),
-            feature_layer=self.feature_layer, bound=self.bound, random_start=self.random_start,
-            ot_weight=self.ot_weight, ot_on=self.ot_on, clean_ce_weight=self.clean_ce_weight,
-            rvs_update=self.rvs_update, feature_distance=self.feature_distance,
-            **{f"ot_{key}": value for key, value in self.ot_options.items()})
+        config.update(bound=self.bound, random_start=self.random_start, clean_ce_weight=self.clean_ce_weight,
+                      rvs_update=self.rvs_update)
         return config
-
-    def _optimizers(self):
-        return {"classifier_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer}
-
-    def compile(self, classifier_optimizer="sgd", generator_optimizer="sgd", **kwargs):
-        """Compile with one optimizer per player. Both are built on their variables here, inside the
-        model's strategy scope, which is what makes a two-optimizer step work under MirroredStrategy."""
-        if "optimizer" in kwargs or "loss" in kwargs or "metrics" in kwargs:
-            raise ValueError("RVSModel.compile takes classifier_optimizer= and generator_optimizer= (its "
-                             "losses and metrics are built in), got " + ", ".join(sorted(kwargs)))
-        self.generator_optimizer = keras.optimizers.get(generator_optimizer)
-        if keras.config.dtype_policy().name == "mixed_float16" and not isinstance(
-                self.generator_optimizer, keras.optimizers.LossScaleOptimizer):
-            self.generator_optimizer = keras.optimizers.LossScaleOptimizer(self.generator_optimizer)
-        super().compile(optimizer=classifier_optimizer, **kwargs)
-
-    def _build_optimizers(self):
-        super()._build_optimizers()
-        with self.distribute_strategy.scope():
-            self.generator_optimizer.build(self.generator.trainable_variables)
 
     # -- the RVS step ---------------------------------------------------------------------------------
     def synthesize(self, x, eps, stream):
@@ -399,19 +442,6 @@ class RVSModel(RobustModel):
         del y  # the generator never sees the labels (nor the images)
         return self.synthesize(tf.cast(x, tf.float32), eps, stream=0)
 
-    def heads(self, x):
-        """(logits, OT inputs) of the classifier in training mode, in float32."""
-        logits, features = self._two_headed(x, training=True)
-        logits = tf.cast(logits, tf.float32)
-        return logits, (logits if self.ot_on == "logits" else tf.cast(features, tf.float32))
-
-    def transport_cost(self, clean, adversarial):
-        """The feature distance both players use: entropic OT between the two batches (RVS), or the
-        ablation control "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i)."""
-        if self.feature_distance == "paired_mse":
-            return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
-        return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
-
     def classifier_objective(self, targets, clean_logits, clean, logits, adversarial):
         """(total, CE, OT) of the classifier: CE on the synthesised batch + lambda * OT (+ clean CE, wd)."""
         ce = self.cross_entropy(targets, logits)
@@ -431,7 +461,8 @@ class RVSModel(RobustModel):
         self.generator_ot_tracker.update_state(generator_ot)
         self.accuracy_tracker.update_state(y, clean_logits)
         self.adv_accuracy_tracker.update_state(y, logits)
-        return {m.name: m.result() for m in self.metrics if m is not self.pgd_accuracy_tracker}
+        validation_only = (self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker)
+        return {m.name: m.result() for m in self.metrics if all(m is not v for v in validation_only)}
 
     def alternating_step(self, x, y, eps):
         """The authors' update: a generator step, then a classifier step on a fresh z.

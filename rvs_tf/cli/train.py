@@ -40,21 +40,40 @@ flags.DEFINE_integer("wrn_width", 10, "WideResNet widening factor.", lower_bound
 flags.DEFINE_integer("noise_dim", None, "Generator noise size (default: the classifier's feature width, "
                      "as the authors).", lower_bound=1)
 # Method.
-flags.DEFINE_enum("method", "rvs", ["rvs", "natural", "fgsm_rs", "pgd", "trades"],
-                  "Training method; everything else (data, model, optimiser, schedule) is shared.")
+METHODS = ("rvs", "natural", "fgsm_rs", "pgd", "trades", "nfgsm", "fgsm_pgi", "rvs_init")
+flags.DEFINE_enum("method", "rvs", METHODS,
+                  "Training method; everything else (data, model, optimiser, schedule) is shared. "
+                  "rvs_init: a generator that sees the image and its gradient learns the start of one FGSM "
+                  "step (see rvs_tf.learned_init).")
 flags.DEFINE_integer("pgd_steps", 10, "Attack steps of --method=pgd and --method=trades.", lower_bound=1)
 DEFINE_fraction("pgd_step_size", None, "Step size of those attacks (default: 2.5*eps/steps for pgd, "
                 "eps/4 for trades, as their papers).", lower=1e-9)
 flags.DEFINE_float("trades_beta", 6.0, "TRADES robustness weight.", lower_bound=0.0)
 flags.DEFINE_float("fgsm_step_ratio", 1.25, "FGSM-RS step as a multiple of eps (Wong et al.: 1.25).",
                    lower_bound=1e-9)
+flags.DEFINE_float("single_step_ratio", 1.0, "The signed step of nfgsm, fgsm_pgi and rvs_init as a multiple of "
+                   "eps (their papers: 1).", lower_bound=1e-9)
+flags.DEFINE_float("nfgsm_noise_ratio", 2.0, "N-FGSM noise U(-k eps, k eps): k (de Jorge et al.: 2). The training "
+                   "perturbation exceeds eps by design; evaluation stays at eps.", lower_bound=0.0)
+flags.DEFINE_float("pairing_weight", None, "Logit-pairing weight between the start and the adversarial example "
+                   "(default: 10 for fgsm_pgi as its paper, 0 for rvs_init).", lower_bound=0.0)
+flags.DEFINE_float("prior_momentum", 0.3, "fgsm_pgi: decay of the gradient momentum moving its prior.",
+                   lower_bound=0.0, upper_bound=0.999)
+flags.DEFINE_integer("generator_every", 20, "rvs_init: classifier steps per generator step (FGSM-SDI: 20).",
+                     lower_bound=1)
+flags.DEFINE_integer("init_generator_width", 32, "rvs_init: channels of the generator's convolutions.",
+                     lower_bound=1)
+flags.DEFINE_float("init_ot_weight", 0.0, "rvs_init: weight of RVS's feature OT term (0: off).", lower_bound=0.0)
+flags.DEFINE_float("overfit_gap", 0.3, "Warn of catastrophic overfitting when validation FGSM accuracy exceeds "
+                   "PGD accuracy by more than this (a fraction).", lower_bound=0.01, upper_bound=1.0)
 # RVS.
 DEFINE_fraction("eps", 0.1, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
                 lower=0.0, upper=1.0)
 flags.DEFINE_enum("bound", "clip", ["clip", "tanh"], "How G(z) is bounded by eps.")
 flags.DEFINE_bool("random_start", True, "Uniform random start before adding G(z).")
 flags.DEFINE_float("label_smoothing", None, "Mass moved from the true class to the others (default: "
-                   "0.5 for rvs as the authors, 0 for the other methods as their papers).",
+                   "0.5 for rvs as the authors, 0.4 for fgsm_pgi (its authors' code keeps 0.6 on the true "
+                   "class), 0 for the other methods as their papers).",
                    lower_bound=0.0, upper_bound=0.99)
 flags.DEFINE_float("ot_weight", 1.0, "Weight of the OT term in the classifier loss.", lower_bound=0.0)
 flags.DEFINE_enum("ot_on", "features", ["features", "logits"], "What the OT term compares.")
@@ -83,7 +102,8 @@ flags.DEFINE_float("lr_drop_factor", 0.1, "Learning-rate drop factor.", lower_bo
 flags.DEFINE_float("momentum", 0.9, "SGD momentum (both players).", lower_bound=0.0, upper_bound=1.0)
 flags.DEFINE_float("weight_decay", 2e-4, "L2 on the classifier's kernels: wd * sum ||W||^2 / 2.",
                    lower_bound=0.0)
-flags.DEFINE_enum("generator_optimizer", "sgd", ["sgd", "adam"], "Generator optimizer.")
+flags.DEFINE_enum("generator_optimizer", "sgd", ["sgd", "adam"], "Generator optimizer (rvs, rvs_init; FGSM-SDI "
+                  "uses adam with --generator_lr=0.001).")
 flags.DEFINE_float("generator_lr", 0.01, "Generator learning rate (constant).", lower_bound=0.0)
 # Evaluation, checkpoints, export.
 flags.DEFINE_integer("eval_pgd_steps", 10, "PGD steps of the per-epoch validation attack.", lower_bound=1)
@@ -111,7 +131,8 @@ RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_r
              "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight", "rvs_update",
              "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
              "momentum", "weight_decay", "generator_optimizer", "generator_lr", "seed", "steps_per_epoch",
-             "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps")
+             "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps", "single_step_ratio", "nfgsm_noise_ratio",
+             "pairing_weight", "prior_momentum", "generator_every", "init_generator_width", "init_ot_weight")
 
 
 def parse_cost_scale(value):
@@ -173,25 +194,47 @@ def run_config():
 
 def build_model(info, steps_per_epoch):
     """The compiled training model of --method (with its classifier, and generator for RVS), from flags."""
+    import tensorflow as tf
+
     from rvs_tf import baselines, models
+    from rvs_tf.learned_init import RVSInitModel
     from rvs_tf.training import RVSModel
 
     kwargs = {"depth": FLAGS.wrn_depth, "width": FLAGS.wrn_width} if FLAGS.arch == "wide_resnet" else {}
     classifier = models.build_classifier(FLAGS.arch, info.image_shape, info.num_classes, **kwargs)
     smoothing = FLAGS.label_smoothing
     if smoothing is None:
-        smoothing = 0.5 if FLAGS.method == "rvs" else 0.0
+        smoothing = {"rvs": 0.5, "fgsm_pgi": 0.4}.get(FLAGS.method, 0.0)
     common = dict(eps=FLAGS.eps, label_smoothing=smoothing, weight_decay=FLAGS.weight_decay,
                   eps_warmup_steps=FLAGS.eps_warmup_epochs * steps_per_epoch,
                   eval_pgd_steps=FLAGS.eval_pgd_steps, seed=FLAGS.seed)
+    pairing = FLAGS.pairing_weight
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
     method = {"fgsm_rs": dict(step_ratio=FLAGS.fgsm_step_ratio),
               "pgd": dict(steps=FLAGS.pgd_steps, step_size=FLAGS.pgd_step_size),
               "trades": dict(steps=FLAGS.pgd_steps, step_size=FLAGS.pgd_step_size, beta=FLAGS.trades_beta),
+              "nfgsm": dict(step_ratio=FLAGS.single_step_ratio, noise_ratio=FLAGS.nfgsm_noise_ratio),
+              "fgsm_pgi": dict(step_ratio=FLAGS.single_step_ratio, prior_momentum=FLAGS.prior_momentum,
+                               pairing_weight=10.0 if pairing is None else pairing,
+                               prior_capacity=-(-FLAGS.batch_size // replicas)),
               }.get(FLAGS.method, {})
-    if FLAGS.method != "rvs":
+    if FLAGS.method in baselines.METHODS:
         model = baselines.METHODS[FLAGS.method](classifier, **common, **method)
         model.compile(optimizer=_optimizer(FLAGS.optimizer, _classifier_lr(steps_per_epoch)),
                       jit_compile=FLAGS.jit_compile)
+        return model
+    generator_optimizer = _optimizer(FLAGS.generator_optimizer, FLAGS.generator_lr)
+    if FLAGS.method == "rvs_init":
+        generator = models.make_init_generator(info.image_shape, width=FLAGS.init_generator_width)
+        generator.trainable = not FLAGS.freeze_generator
+        model = RVSInitModel(
+            classifier, generator, step_ratio=FLAGS.single_step_ratio, generator_every=FLAGS.generator_every,
+            pairing_weight=pairing or 0.0, ot_weight=FLAGS.init_ot_weight, ot_on=FLAGS.ot_on,
+            ot_epsilon=FLAGS.ot_epsilon, ot_cost_scale=parse_cost_scale(FLAGS.ot_cost_scale),
+            ot_max_iters=FLAGS.ot_max_iters, ot_gradient=FLAGS.ot_gradient, ot_debiased=FLAGS.ot_debiased,
+            feature_distance=FLAGS.feature_distance, **common)
+        model.compile(classifier_optimizer=_optimizer(FLAGS.optimizer, _classifier_lr(steps_per_epoch)),
+                      generator_optimizer=generator_optimizer, jit_compile=FLAGS.jit_compile)
         return model
     feature_width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
     generator = models.make_generator(FLAGS.noise_dim or feature_width, info.image_shape)
@@ -204,8 +247,7 @@ def build_model(info, steps_per_epoch):
         clean_ce_weight=FLAGS.clean_ce_weight, rvs_update=FLAGS.rvs_update,
         feature_distance=FLAGS.feature_distance, **common)
     model.compile(classifier_optimizer=_optimizer(FLAGS.optimizer, _classifier_lr(steps_per_epoch)),
-                  generator_optimizer=_optimizer(FLAGS.generator_optimizer, FLAGS.generator_lr),
-                  jit_compile=FLAGS.jit_compile)
+                  generator_optimizer=generator_optimizer, jit_compile=FLAGS.jit_compile)
     return model
 
 
@@ -317,11 +359,14 @@ def main(argv):
     print(f"Training {FLAGS.method} on {info.name} ({info.num_train} train / {info.num_validation} validation), "
           f"{FLAGS.arch}, eps={FLAGS.eps:.4g}; val_pgd_accuracy = PGD-{FLAGS.eval_pgd_steps} (CE, random "
           f"start, 1 restart, eps={FLAGS.eps:.4g}) on the validation split")
-    if FLAGS.method != "rvs" and FLAGS.label_smoothing:
+    if FLAGS.method not in ("rvs", "fgsm_pgi") and FLAGS.label_smoothing:
         print(f"Note: --label_smoothing={FLAGS.label_smoothing:g} with --method={FLAGS.method}; its paper "
               "trains without (--label_smoothing=0), and smoothing can mask gradients")
     worker_logs = distribute.worker_dir(log_dir, strategy)
-    callbacks = [checkpoint, keras.callbacks.TensorBoard(worker_logs),
+    from rvs_tf.monitors import CatastrophicOverfittingMonitor
+
+    monitors = [] if FLAGS.method == "natural" else [CatastrophicOverfittingMonitor(FLAGS.overfit_gap)]
+    callbacks = [*monitors, checkpoint, keras.callbacks.TensorBoard(worker_logs),
                  ImageSummaries(worker_logs, sample_images, sample_labels)]
     if initial_epoch < FLAGS.epochs:
         # Skip the batches already trained on: every seed is fixed, so a resumed run sees the same data

@@ -37,3 +37,26 @@ def make_generator(noise_dim, image_shape, *, base_channels=64, leaky_relu=0.2, 
                                      (crop_w // 2, crop_w - crop_w // 2)), name="crop",
                                     dtype="float32")(x)
     return keras.Model(z, x, name=name)
+
+
+def make_init_generator(image_shape, *, noise_channels=1, width=32, name="init_generator"):
+    """[x, sign(d CE/dx), z] ``[B, H, W, 2C + noise_channels]`` -> raw start ``[B, H, W, C]`` (unbounded;
+    `rvs_tf.learned_init.RVSInitModel` maps it into the eps-ball with eps * tanh).
+
+    A conv - residual block - conv network at full resolution (FGSM-SDI's generator shape): it conditions
+    the start on the image and on its clean input gradient, which a generator of z alone cannot see.
+    """
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"image_shape: expected (height, width, channels) positive ints, got {image_shape!r}")
+    for arg, value, low in (("noise_channels", noise_channels, 0), ("width", width, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg}: expected an int >= {low}, got {value!r}")
+    height, image_width, channels = shape
+    inputs = keras.Input(shape=(height, image_width, 2 * channels + noise_channels), name="image_gradient_noise")
+    h = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="conv_in")(inputs)
+    r = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="res_conv1")(h)
+    r = keras.layers.Conv2D(width, 3, padding="same", name="res_conv2")(r)
+    h = keras.layers.ReLU(name="res_out")(keras.layers.Add(name="residual")([h, r]))
+    out = keras.layers.Conv2D(channels, 3, padding="same", name="to_start", dtype="float32")(h)
+    return keras.Model(inputs, out, name=name)
