@@ -5,11 +5,11 @@ models (an `RVSModel`, or a classifier with rvs_tf layers) after a plain `import
 """
 __version__ = "0.1.0"
 
-from rvs_tf import models  # noqa: E402  (registers the classifier layers)
+from rvs_tf import models, monitors  # noqa: E402  (models registers the classifier layers)
 from rvs_tf.sinkhorn import entropic_ot, transport_plan  # noqa: E402
 from rvs_tf.training import RVSModel  # noqa: E402
 from rvs_tf.baselines import FGSMPGIModel, NFGSMModel  # noqa: E402
 from rvs_tf.learned_init import RVSInitModel  # noqa: E402
 
 __all__ = ["FGSMPGIModel", "NFGSMModel", "RVSInitModel", "RVSModel", "entropic_ot", "models",
-           "transport_plan"]
+           "monitors", "transport_plan"]

@@ -24,6 +24,8 @@ def test_first_blocks_are_the_main_job_and_the_tests():
 def test_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(blocks("python")[0], "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    for block in blocks("python"):  # in order, in one namespace, as a reader would paste them
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     assert namespace["logits"].shape == (8, 10)
     assert os.path.isfile(tmp_path / "rvs.keras")
+    assert namespace["init"].history.history["val_fgsm_accuracy"]  # the learned-initialisation example
