@@ -167,17 +167,27 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--jit", action="store_true", help="also time each method with jit_compile=True")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--archs", default="small_cnn,preact_resnet18", help="comma-separated models")
+    parser.add_argument("--batch", type=int, default=None, help="one batch size for every model (default: "
+                        "128 for the small CNN, 32 for PreAct-ResNet-18)")
+    parser.add_argument("--mixed_precision", default="float32", choices=["float32", "mixed_float16",
+                                                                          "mixed_bfloat16"])
+    parser.add_argument("--no_json", action="store_true", help="do not write step_time_<device>.json")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 10)
+    keras.config.set_dtype_policy(args.mixed_precision)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices "
-          f"{[d.device_type for d in tf.config.list_physical_devices()]}, {rounds} rounds")
+          f"{[d.device_type for d in tf.config.list_physical_devices()]}, {rounds} rounds, "
+          f"{args.mixed_precision}")
     ratios = {}
-    for arch, shape, batch, arch_rounds in (("small_cnn", (28, 28, 1), 128, rounds),
-                                            ("preact_resnet18", (32, 32, 3), 32, max(2, rounds // 2))):
+    setups = {"small_cnn": ((28, 28, 1), 128, rounds), "preact_resnet18": ((32, 32, 3), 32, max(2, rounds // 2))}
+    for arch in args.archs.split(","):
+        shape, batch, arch_rounds = setups[arch]
+        batch = args.batch or batch
         seconds, ot, generator = run(arch, shape, batch, arch_rounds, args.jit)
         print(report(arch, shape, batch, seconds, ot, generator), flush=True)
         ratios[arch] = {name: value / seconds["natural"] for name, value in seconds.items()}
-    if not args.quick:  # what compare_methods.py plots as each method's training cost
+    if not (args.quick or args.no_json):  # what compare_methods.py plots as each method's training cost
         device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"step_time_{device}.json"), "w",
                   encoding="utf-8") as handle:
