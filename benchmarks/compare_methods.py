@@ -101,7 +101,10 @@ def row_eps(name):
 
 
 def run_row(name, options):
+    """Train and evaluate one row, unless benchmarks/results/<row>.json already holds it (--rerun)."""
     flags, _ = ROWS[name]
+    if load_row(name) and not options.rerun:
+        return
     folder = os.path.join(options.workdir, name)
     report_path = os.path.join(folder, "eval", "report.json")
     if not os.path.isfile(report_path):
@@ -385,6 +388,7 @@ def main():
     parser.add_argument("--attacks", default="standard")
     parser.add_argument("--workdir", default=os.path.join(HERE, "runs"))
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--rerun", action="store_true", help="run rows again that benchmarks/results/ holds")
     options = parser.parse_args()
     unknown = [r for r in options.rows.split(",") if r not in ROWS]
     if unknown:
