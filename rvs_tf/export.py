@@ -18,6 +18,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from rvs_tf import guards
+
 METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -93,6 +95,10 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
     if not _NAME.match(name or ""):
         raise ValueError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
+    bad = guards.non_finite_variables(classifier.weights)
+    if bad:
+        raise ValueError(f"classifier: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}; refusing to "
+                         "export a diverged model (retrain it, or export an earlier checkpoint)")
     model_dir = os.path.join(export_dir, name)
     check_writable(model_dir)
     if version is None:
@@ -119,6 +125,10 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:
             json.dump(metadata or {}, handle, indent=2, sort_keys=True, default=str)
         os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
+    except (OSError, tf.errors.OpError) as error:  # a full disk, a read-only folder
+        shutil.rmtree(staging, ignore_errors=True)
+        from rvs_tf.checkpoints import write_error
+        raise write_error(final, error, kept=f"the earlier versions under {model_dir} are untouched") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

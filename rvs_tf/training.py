@@ -13,7 +13,8 @@ The RVS step (DESIGN.md section 1), per batch (x, y) with budget eps:
 import keras
 import tensorflow as tf
 
-from rvs_tf import attacks, sinkhorn
+from rvs_tf import attacks, guards, sinkhorn
+from rvs_tf.guards import NonFiniteError, NonFiniteGuard  # noqa: F401  (part of this module's API)
 from rvs_tf.models import FEATURES_LAYER
 
 BOUNDS = ("clip", "tanh")
@@ -100,6 +101,11 @@ class RobustModel(keras.Model):
 
     def _extra_trackers(self):
         return []
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """Keras fit, with a NonFiniteGuard first among the callbacks unless one is given: a diverged run
+        stops with NonFiniteError at its first non-finite loss, before any callback saves its weights."""
+        return super().fit(*args, callbacks=guards.with_guard(callbacks), **kwargs)
 
     @property
     def metrics(self):
@@ -231,7 +237,7 @@ class RobustModel(keras.Model):
         if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] not in (1, None):
             raise ValueError(f"labels: expected integer class indices of shape [batch], got shape {y.shape} "
                              "(one-hot labels? pass tf.argmax(labels, -1))")
-        return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int64), [-1])
+        return guards.checked_images(x), tf.reshape(tf.cast(y, tf.int64), [-1])
 
     def test_step(self, data):
         x, y = self.unpack(data)
