@@ -1,6 +1,7 @@
 """SavedModel export for TF Serving: `<export_dir>/<name>/<version>/`, classifier only.
 
-Signature `serving_default`: input `images` float32 [batch, H, W, C] in [0, 1]; outputs `logits`,
+Signature `serving_default`: input `images` float32 [batch, H, W, C] in [0, 1] (values outside are
+refused with an error naming the range, never answered as if scaled); outputs `logits`,
 `probabilities` and `classes`. Signature `serving_bytes` (BYTES_SIGNATURE): input `image_bytes` string
 [batch], each an encoded PNG/JPEG/GIF/BMP (what TF Serving's REST API carries as `{"b64": ...}`), decoded,
 converted to the model's channels and resized to its H x W (bilinear) inside the graph; same outputs.
@@ -43,10 +44,15 @@ def check_writable(export_dir, flag="--export_dir"):
                               f"{error.strerror or error}") from None
 
 
-def serving_function(classifier):
-    """The serving computation: float32 logits (even for a mixed-precision model), softmax, argmax."""
+def serving_function(classifier, check_range=False):
+    """The serving computation: float32 logits (even for a mixed-precision model), softmax, argmax.
+    `check_range`: refuse images outside [0, 1] (what the float signature takes) with an
+    InvalidArgumentError, which TF Serving returns as the request's error, instead of answering for
+    mis-scaled pixels."""
 
     def serve(images):
+        if check_range:
+            images = guards.checked_images(images)
         logits = tf.cast(classifier(images, training=False), tf.float32)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits),
                 "classes": tf.argmax(logits, axis=-1)}
@@ -115,7 +121,7 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         archive = keras.export.ExportArchive()
         archive.track(classifier)
         archive.add_endpoint(
-            "serving_default", serving_function(classifier),
+            "serving_default", serving_function(classifier, check_range=True),
             input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
         archive.add_endpoint(
             BYTES_SIGNATURE, bytes_serving_function(classifier),

@@ -4,6 +4,7 @@ script; library cases run in-process."""
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -168,3 +169,214 @@ def test_a_full_disk_during_an_export_names_the_path_and_keeps_earlier_versions(
     with pytest.raises(OSError, match=r"cannot write .*m/2: No space left on device; .*versions"):
         export.export_classifier(classifier, str(tmp_path), "m")
     assert snapshot(tmp_path) == before and export.versions(str(tmp_path / "m")) == [1]
+
+
+def test_float_serving_signature_and_robustness_report_refuse_0_255_images(tmp_path):
+    from rvs_tf import evaluate
+
+    classifier = tiny_classifier()
+    signature = tf.saved_model.load(export.export_classifier(classifier, str(tmp_path), "m")) \
+        .signatures["serving_default"]
+    x, y = tiny_data(4)
+    np.testing.assert_allclose(signature(images=tf.constant(x))["logits"].numpy(), classifier(x).numpy(),
+                               atol=1e-5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected floats in \[0, 1\].*255"):
+        signature(images=tf.constant(x * 255))
+    with pytest.raises(ValueError, match=r"images must be floats in \[0, 1\], got dtype uint8"):
+        evaluate.robustness_report(classifier, ((x * 255).astype("uint8"), y), eps=0.1, attacks="pgd20",
+                                   sweep_examples=0, progress=False)
+
+
+# -- through the console scripts ----------------------------------------------------------------------
+def script(name):
+    return os.path.join(BIN, name)
+
+
+def run(args, inject=None, tmp=None):
+    """Run a console script; `inject` = (os function, name part) makes that call fail with ENOSPC there
+    (through a sitecustomize on the child's PYTHONPATH)."""
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the CLIs quiet TF by themselves
+    if inject:
+        (tmp / "inject").mkdir(exist_ok=True)
+        (tmp / "inject" / "sitecustomize.py").write_text(INJECT)
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp / "inject"), env.get("PYTHONPATH", "")])
+        env["RVS_TEST_ENOSPC"] = ":".join(inject)
+    return subprocess.run(args, capture_output=True, text=True, timeout=240, env=env)
+
+
+FLAGFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags", "fashion_mnist.cfg")
+
+INJECT = '''
+import errno, os
+_function, _part = os.environ["RVS_TEST_ENOSPC"].split(":", 1)
+_real = getattr(os, _function)
+def _failing(src, dst, *args, **kwargs):
+    if _part in os.path.basename(str(dst)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+    return _real(src, dst, *args, **kwargs)
+setattr(os, _function, _failing)
+'''
+
+
+@pytest.fixture(scope="module")
+def idx(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("faults_idx")
+    _write_idx_dir(str(folder), num_train=160, num_test=20)
+    return folder
+
+
+def train(idx, tmp, *extra, epochs=2):
+    return [script("rvs-train"), f"--flagfile={FLAGFILE}", f"--idx_dir={idx}",
+            "--validation_size=20", "--batch_size=16", f"--epochs={epochs}", "--steps_per_epoch=2",
+            "--eval_pgd_steps=1", "--method=natural", f"--workdir={tmp / 'run'}",
+            f"--export_dir={tmp / 'exports'}", "--name=tiny", *extra]
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rvs-train: error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_the_issue_divergence_stops_at_once_without_checkpoint_or_export(idx, tmp_path):
+    result = run(train(idx, tmp_path, "--optimizer=sgd", "--lr=1e9", epochs=3))
+    error = one_line_error(result)
+    assert re.search(r"epoch 1, step \d+: the training loss is (nan|inf).*--lr.*--optimizer=adam", error)
+    assert "No checkpoint was written; nothing was exported; to retry with other settings" in error
+    assert "Epoch 2/3" not in result.stdout
+    assert not [f for f in os.listdir(tmp_path / "run" / "checkpoints") if f.endswith(".h5")]
+    assert not (tmp_path / "exports" / "tiny").exists()
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_divergence_after_a_finite_epoch_keeps_that_checkpoint_and_earlier_exports(idx, tmp_path):
+    first = run(train(idx, tmp_path, "--weight_decay=0", epochs=1))
+    assert first.returncode == 0, first.stderr
+    config = tmp_path / "run" / "config.json"  # the same run, from here on with a diverging setting
+    config.write_text(json.dumps({**json.loads(config.read_text()), "weight_decay": 1e30}))
+    before = snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports")
+    result = run(train(idx, tmp_path, "--weight_decay=1e30", epochs=3))
+    error = one_line_error(result)
+    assert re.search(r"epoch 2, (step \d+|end): .*diverged", error), error
+    assert f"The checkpoint of epoch 1 in {tmp_path / 'run' / 'checkpoints'} is kept" in error
+    assert snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports") == before
+
+
+@pytest.fixture(scope="module")
+def finished(idx, tmp_path_factory):
+    """A finished two-epoch run, exported once (version 1)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    result = run(train(idx, tmp))
+    assert result.returncode == 0, result.stderr
+    return tmp
+
+
+def copy_run(source, tmp):
+    import shutil
+
+    shutil.copytree(source / "run", tmp / "run")
+    shutil.copytree(source / "exports", tmp / "exports")
+
+
+def test_a_truncated_last_checkpoint_is_named_and_the_run_resumes_from_an_older_state(finished, idx,
+                                                                                      tmp_path):
+    copy_run(finished, tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    state = json.loads((checkpoints / STATE_FILE).read_text())
+    last = checkpoints / state["last"]
+    last.write_bytes(last.read_bytes()[:2048])  # a disk that filled, a half-copied folder
+    result = run(train(idx, tmp_path, epochs=3))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    warning, = [line for line in result.stderr.splitlines() if line.startswith("rvs-train: warning:")]
+    assert f"checkpoint {last}: cannot be loaded (" in warning and "truncated" in warning
+    resumed_at = state["best"]["epoch"] if state["best"]["epoch"] < 2 else 2
+    assert f"from epoch {resumed_at}" in result.stdout
+    assert json.loads((checkpoints / STATE_FILE).read_text())["epoch"] == 3
+
+
+def test_a_state_file_naming_a_missing_checkpoint_and_a_corrupt_one(finished, idx, tmp_path):
+    copy_run(finished, tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in os.listdir(checkpoints):
+        if name.endswith(".h5"):
+            os.remove(checkpoints / name)
+    result = run(train(idx, tmp_path, epochs=3))
+    error = one_line_error(result)
+    assert "checkpoints: none of" in error and "loads; move the folder away" in error
+    assert result.stderr.count("rvs-train: warning: checkpoint") >= 1 and "(missing)" in result.stderr
+
+    copy_run_state = checkpoints / STATE_FILE
+    copy_run_state.write_text("{ not json")
+    for name in os.listdir(finished / "run" / "checkpoints"):
+        if name.endswith(".h5"):
+            (checkpoints / name).write_bytes((finished / "run" / "checkpoints" / name).read_bytes())
+    result = run(train(idx, tmp_path, epochs=3))
+    assert result.returncode == 0, result.stderr
+    assert f"rvs-train: warning: checkpoint state {copy_run_state}: unreadable (" in result.stderr
+    assert "from epoch 2" in result.stdout
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over(finished, idx, tmp_path):
+    import socket
+
+    copy_run(finished, tmp_path)
+    lock = tmp_path / "run" / "run.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "started": "2026-01-01T00:00:00+00:00", "command": "rvs-train"}))
+    before = snapshot(tmp_path / "run", tmp_path / "exports")
+    error = one_line_error(run(train(idx, tmp_path)))
+    assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started 2026-01-01" in error
+    assert snapshot(tmp_path / "run", tmp_path / "exports") == before
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    result = run(train(idx, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"Note: took over the lock {lock} left by a run that is no longer running (pid {dead.pid}" \
+        in result.stderr
+    assert "Training done" in result.stdout and not lock.exists()  # released at the end
+
+
+def test_a_full_disk_during_a_checkpoint_exits_non_zero_and_keeps_the_earlier_one(finished, idx, tmp_path):
+    copy_run(finished, tmp_path)
+    before = snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports")
+    result = run(train(idx, tmp_path, epochs=3), inject=("replace", "epoch-3.weights.h5"), tmp=tmp_path)
+    error = one_line_error(result)
+    path = tmp_path / "run" / "checkpoints" / "epoch-3.weights.h5"
+    assert f"cannot write {path}: No space left on device; the earlier checkpoints" in error
+    assert "The checkpoint of epoch 2" in error and "nothing was exported" in error
+    assert snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports") == before
+
+
+def test_a_full_disk_during_rvs_export_names_the_version_and_keeps_earlier_ones(finished, tmp_path):
+    copy_run(finished, tmp_path)
+    before = snapshot(tmp_path / "exports")
+    result = run([script("rvs-export"), f"--model={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exports'}",
+                  "--name=tiny"], inject=("rename", "2"), tmp=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"rvs-export: error: cannot write {tmp_path / 'exports' / 'tiny' / '2'}: No space left" \
+        in result.stderr
+    assert snapshot(tmp_path / "exports") == before
+
+
+def test_run_lock_holds_refuses_releases_and_keeps_foreign_host_locks(tmp_path):
+    from rvs_tf.runlock import LOCK_FILE, LockedError, RunLock
+
+    notes = []
+    with RunLock(str(tmp_path), note=notes.append) as held:
+        record = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert record["pid"] == os.getpid() and record["host"] == held.record["host"] and record["started"]
+        with pytest.raises(LockedError, match=rf"in use by another run \(pid {os.getpid()} on "):
+            RunLock(str(tmp_path)).acquire()
+    assert not (tmp_path / LOCK_FILE).exists() and notes == []
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x"}))
+    with pytest.raises(LockedError, match=r"a run on another host \(pid 1 on elsewhere.*delete .*run.lock"):
+        RunLock(str(tmp_path)).acquire()
+    (tmp_path / LOCK_FILE).write_text("")  # unreadable: treated as stale
+    RunLock(str(tmp_path), note=notes.append).acquire().release()
+    assert "unreadable lock file" in notes[0] and not (tmp_path / LOCK_FILE).exists()
