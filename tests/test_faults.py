@@ -246,6 +246,8 @@ def test_the_issue_divergence_stops_at_once_without_checkpoint_or_export(idx, tm
     error = one_line_error(result)
     assert re.search(r"epoch 1, step \d+: the training loss is (nan|inf).*--lr.*--optimizer=adam", error)
     assert "No checkpoint was written; nothing was exported; to retry with other settings" in error
+    assert result.stderr.strip() == error  # nothing else: no TF start-up noise, no label smoothing note
+    assert not any(noise in result.stdout for noise in NOISE)
     assert "Epoch 2/3" not in result.stdout
     assert not [f for f in os.listdir(tmp_path / "run" / "checkpoints") if f.endswith(".h5")]
     assert not (tmp_path / "exports" / "tiny").exists()
@@ -380,3 +382,21 @@ def test_run_lock_holds_refuses_releases_and_keeps_foreign_host_locks(tmp_path):
     (tmp_path / LOCK_FILE).write_text("")  # unreadable: treated as stale
     RunLock(str(tmp_path), note=notes.append).acquire().release()
     assert "unreadable lock file" in notes[0] and not (tmp_path / LOCK_FILE).exists()
+
+
+# -- 6. what the command lines print --------------------------------------------------------------------
+NOISE = ("oneDNN", "cuInit", "cpu_feature_guard", "absl::InitializeLog", "I0000", "\x1b[", "\r", "\x08")
+
+
+def test_the_command_lines_print_no_tensorflow_noise_and_no_escape_codes(finished, idx, tmp_path):
+    copy_run(finished, tmp_path)
+    exported = run([script("rvs-export"), f"--model={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exports'}",
+                    "--name=tiny"])
+    assert exported.returncode == 0, exported.stderr
+    evaluated = run([script("rvs-evaluate"), f"--model={tmp_path / 'exports' / 'tiny'}", "--attacks=pgd20",
+                     f"--idx_dir={idx}", "--num_examples=8", "--sweep_examples=0"])
+    assert evaluated.returncode == 0, evaluated.stderr
+    for result in (exported, evaluated):
+        for noise in NOISE:
+            assert noise not in result.stdout + result.stderr, (noise, result.stdout + result.stderr)
+    assert exported.stderr == "" and exported.stdout.startswith("Exported to")
