@@ -230,7 +230,7 @@ def train(idx, tmp, *extra, epochs=2):
     return [script("rvs-train"), f"--flagfile={FLAGFILE}", f"--idx_dir={idx}",
             "--validation_size=20", "--batch_size=16", f"--epochs={epochs}", "--steps_per_epoch=2",
             "--eval_pgd_steps=1", "--method=natural", f"--workdir={tmp / 'run'}",
-            f"--export_dir={tmp / 'exports'}", "--name=tiny", *extra]
+            f"--export_dir={tmp / 'exports'}", "--name=tiny", "--deterministic", *extra]
 
 
 def one_line_error(result):
@@ -400,3 +400,14 @@ def test_the_command_lines_print_no_tensorflow_noise_and_no_escape_codes(finishe
         for noise in NOISE:
             assert noise not in result.stdout + result.stderr, (noise, result.stdout + result.stderr)
     assert exported.stderr == "" and exported.stdout.startswith("Exported to")
+
+
+# -- 8. reproducibility ---------------------------------------------------------------------------------
+def test_a_seeded_deterministic_rerun_gives_the_same_figures(finished, idx, tmp_path):
+    result = run(train(idx, tmp_path, "--noexport"))
+    assert result.returncode == 0, result.stderr
+    history = lambda folder: {epoch: {k: v for k, v in record.items() if k != "train_seconds"}
+                              for epoch, record in json.loads(
+                                  (folder / "run" / "checkpoints" / STATE_FILE).read_text())["history"].items()}
+    assert history(tmp_path) == history(finished) and len(history(finished)) == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["deterministic"] is True

@@ -95,6 +95,11 @@ flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs (default:
 flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving exports.")
 flags.DEFINE_bool("export", True, "Export the best classifier when training ends.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("deterministic", False, "Deterministic TF kernels (tf.config.experimental."
+                  "enable_op_determinism), for identical seeded reruns on GPUs. On CPU seeded reruns on one "
+                  "machine are identical without it; it made 40 quick-start RVS steps 9% slower on 2 cores "
+                  "(29.6 s against 27.2 s). Other core counts, CPU/GPU types or TF versions still change the "
+                  "figures (README, Reproducibility).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (measured 1.7x slower on CPU; turned "
                   "off with a warning under several replicas).")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
@@ -113,7 +118,7 @@ RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_r
              "ot_max_iters", "ot_gradient", "ot_debiased", "clean_ce_weight", "rvs_update",
              "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
              "momentum", "weight_decay", "generator_optimizer", "generator_lr", "seed", "steps_per_epoch",
-             "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps")
+             "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps", "deterministic")
 
 
 def parse_cost_scale(value):
@@ -314,6 +319,8 @@ def main(argv):
                     + ", ".join(f"--{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(changed.items()))
                     + "; choose another --workdir or --name to start a new run")
         keras.utils.set_random_seed(FLAGS.seed)
+        if FLAGS.deterministic:
+            tf.config.experimental.enable_op_determinism()
         train_ds, val_ds, test_ds, info = data.make_datasets(
             FLAGS.dataset, batch_size=FLAGS.batch_size, validation_size=FLAGS.validation_size,
             data_dir=FLAGS.data_dir, idx_dir=FLAGS.idx_dir, seed=FLAGS.seed,
