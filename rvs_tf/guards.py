@@ -77,6 +77,30 @@ def with_guard(callbacks):
 IMAGE_RANGE_ADVICE = "images: expected floats in [0, 1] (eps is read on that scale)"
 
 
+def checked_data(data):
+    """`fit`'s x or validation_data with its images checked before the train step: arrays now, a
+    tf.data.Dataset of (images, ...) by a map in its input pipeline. The step's own check
+    (`checked_images` in `RobustModel.unpack`) is dropped by XLA, which Keras turns on by itself on GPUs
+    (jit_compile="auto"), so this one, outside the compiled step, is what holds there."""
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if isinstance(spec, tuple) and len(spec) >= 2 and isinstance(spec[0], tf.TensorSpec):
+            return data.map(lambda x, *rest: (checked_images(x), *rest),
+                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return data
+    if isinstance(data, (tuple, list)) and data and not isinstance(data[0], (int, float)):
+        return type(data)([checked_data(data[0]), *data[1:]])
+    if isinstance(data, np.ndarray) and data.size:
+        if not np.issubdtype(data.dtype, np.floating):
+            raise ValueError(f"{IMAGE_RANGE_ADVICE}, got dtype {data.dtype}; convert pixels with "
+                             "x.astype('float32') / 255")
+        low, high = float(data.min()), float(data.max())
+        if not (low >= 0.0 and high <= 1.0):
+            raise ValueError(f"{IMAGE_RANGE_ADVICE}; 0-255 pixels must be divided by 255. Got values in "
+                             f"[{low:g}, {high:g}]")
+    return data
+
+
 def checked_images(x):
     """`x` as float32, with an in-graph check that its values lie in [0, 1].
 

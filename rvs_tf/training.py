@@ -102,10 +102,16 @@ class RobustModel(keras.Model):
     def _extra_trackers(self):
         return []
 
-    def fit(self, *args, callbacks=None, **kwargs):
-        """Keras fit, with a NonFiniteGuard first among the callbacks unless one is given: a diverged run
-        stops with NonFiniteError at its first non-finite loss, before any callback saves its weights."""
-        return super().fit(*args, callbacks=guards.with_guard(callbacks), **kwargs)
+    def fit(self, x=None, *args, callbacks=None, validation_data=None, **kwargs):
+        """Keras fit, with a NonFiniteGuard first among the callbacks unless one is given (a diverged run
+        stops with NonFiniteError at its first non-finite loss, before any callback saves its weights),
+        and images outside [0, 1] refused (guards.checked_data)."""
+        return super().fit(guards.checked_data(x), *args, callbacks=guards.with_guard(callbacks),
+                           validation_data=guards.checked_data(validation_data), **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        """Keras evaluate, with images outside [0, 1] refused (its PGD accuracy reads eps on that scale)."""
+        return super().evaluate(guards.checked_data(x), *args, **kwargs)
 
     @property
     def metrics(self):

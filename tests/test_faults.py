@@ -56,13 +56,26 @@ def test_exporter_refuses_non_finite_weights(tmp_path):
 
 
 # -- 4. images outside [0, 1] -------------------------------------------------------------------------
-def test_fit_refuses_uint8_and_0_255_images():
+@pytest.mark.parametrize("jit_compile", [False, True])  # XLA (Keras's default on GPUs) drops in-step asserts
+def test_fit_refuses_uint8_and_0_255_images(jit_compile):
     model = natural()
+    model.compile(optimizer="sgd", jit_compile=jit_compile)
     x, y = tiny_data(32)
     with pytest.raises(ValueError, match=r"images: expected floats in \[0, 1\].*uint8.*/ 255"):
         model.fit((x * 255).astype("uint8"), y, batch_size=16, epochs=1, verbose=0)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected floats in \[0, 1\].*255"):
+    with pytest.raises(ValueError, match=r"images: expected floats in \[0, 1\].*255. Got values in \[0.01.*, 229"):
         model.fit(x * 255, y, batch_size=16, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"images: expected floats in \[0, 1\]"):
+        model.fit(x, y, batch_size=16, epochs=1, validation_data=(x * 255, y), verbose=0)
+    batches = tf.data.Dataset.from_tensor_slices((x * 255, y)).batch(16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected floats in \[0, 1\].*255"):
+        model.fit(batches, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"images: expected floats in \[0, 1\].*255"):
+        model.evaluate(x * 255, y, batch_size=16, verbose=0)
+    if not jit_compile:  # the step's own check, for data that does not come through fit or evaluate
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected floats in \[0, 1\]"):
+            model.test_on_batch(x * 255, y)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # images in [0, 1] train as before
 
 
 # -- 2. checkpoints that do not load ------------------------------------------------------------------
