@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from rvs_tf import attacks, guards, sinkhorn
-from rvs_tf.guards import NonFiniteError, NonFiniteGuard  # noqa: F401  (part of this module's API)
+from rvs_tf.guards import FeatureCollapseError, NonFiniteError, NonFiniteGuard  # noqa: F401  (API)
 from rvs_tf.models import FEATURES_LAYER
 
 BOUNDS = ("clip", "tanh")

@@ -424,3 +424,28 @@ def test_a_seeded_deterministic_rerun_gives_the_same_figures(finished, idx, tmp_
                                   (folder / "run" / "checkpoints" / STATE_FILE).read_text())["history"].items()}
     assert history(tmp_path) == history(finished) and len(history(finished)) == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["deterministic"] is True
+
+
+# -- 9. RVS collapsing on a BatchNorm classifier --------------------------------------------------------
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_rvs_collapsing_on_a_batchnorm_classifier_stops_with_what_to_change(batch_norm):
+    from rvs_tf import data, models
+    from rvs_tf.training import FeatureCollapseError, RVSModel
+
+    keras.utils.set_random_seed(0)
+    x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "train")
+    classifier = models.small_cnn((28, 28, 1), 10, batch_norm=batch_norm, widths=(8, 16), feature_dim=32)
+    model = RVSModel(classifier, models.make_generator(32, (28, 28, 1)), eps=0.1)  # the defaults
+    model.compile(classifier_optimizer=keras.optimizers.Adam(1e-3),
+                  generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    fit = lambda: model.fit(x[:1024], y[:1024], batch_size=32, epochs=2, verbose=0,
+                            callbacks=[guards.FeatureCollapseGuard(window=20)])
+    if batch_norm:  # OT exactly 0 within a few steps, accuracy at chance
+        with pytest.raises(FeatureCollapseError, match=r"epoch 1, step \d+: the classifier is collapsing: "
+                                                       r"clean training accuracy 0\.\d+ \(chance 0\.100\).*"
+                                                       r"--ot_weight=0\.1"):
+            fit()
+    else:
+        assert fit().history["clean_accuracy"][-1] > 0.5

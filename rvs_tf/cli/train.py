@@ -293,7 +293,7 @@ def main(argv):
 
     from rvs_tf import data, distribute, export, runlock
     from rvs_tf.checkpoints import RunCheckpoint, write_json_atomic
-    from rvs_tf.training import NonFiniteError
+    from rvs_tf.guards import TrainingHalted
 
     name = FLAGS.name or f"{FLAGS.dataset}_{FLAGS.method}"
     workdir = FLAGS.workdir or os.path.join("runs", name)
@@ -364,12 +364,12 @@ def main(argv):
                       initial_epoch=initial_epoch,
                       steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callbacks,
                       shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
-        except (NonFiniteError, OSError) as error:  # nothing was saved for the failed epoch, no export
+        except (TrainingHalted, OSError) as error:  # nothing was saved for the failed epoch, no export
             kept = checkpoint.state["epoch"]
             _fail(f"{error}. " + (f"The checkpoint of epoch {kept} in {checkpoint_dir} is kept as the "
                                   "resume point" if kept else "No checkpoint was written")
                   + "; nothing was exported" + ("; to retry with other settings, choose another --workdir "
-                                                "or --name" if isinstance(error, NonFiniteError) else ""))
+                                                "or --name" if isinstance(error, TrainingHalted) else ""))
     if not chief:  # only the chief keeps checkpoints, logs, the best classifier and the export
         distribute.discard_worker_dir(checkpoint_dir, strategy)
         distribute.discard_worker_dir(log_dir, strategy)
