@@ -191,9 +191,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         if failed or name != self.state.get("last"):
             best = self.state.get("best")
             if best and (best["file"] in failed or not self._state_readable):
-                best = None
-            if best is None and name.startswith("best-"):
-                best = None  # its value is unknown without state.json; the next epoch sets a new one
+                best = None  # unknown without state.json: the next epoch sets a new best
             self.state = {**self.state, "epoch": epoch, "last": name, "best": best,
                           "history": {k: v for k, v in self.state.get("history", {}).items()
                                       if int(k) <= epoch}}

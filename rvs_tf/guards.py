@@ -65,7 +65,7 @@ class NonFiniteGuard(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is None:
             return
-        value = float(keras.ops.convert_to_numpy(value))
+        value = float(np.mean(keras.ops.convert_to_numpy(value)))  # a [1] vector under multi-worker
         if not np.isfinite(value):
             raise NonFiniteError(
                 f"epoch {self._epoch + 1}, step {batch + 1}: the training {self.monitor} is {value}; "
@@ -102,7 +102,8 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
         if self.window <= 0 or "ot_loss" not in logs or "clean_accuracy" not in logs:
             return
         count, before = self._seen
-        now = {key: float(keras.ops.convert_to_numpy(logs[key])) for key in ("ot_loss", "clean_accuracy")}
+        now = {key: float(np.mean(keras.ops.convert_to_numpy(logs[key])))
+               for key in ("ot_loss", "clean_accuracy")}
         steps = batch + 1 - count
         if steps <= 0:
             return
@@ -148,11 +149,12 @@ def checked_data(data):
         return data
     if isinstance(data, (tuple, list)) and data and not isinstance(data[0], (int, float)):
         return type(data)([checked_data(data[0]), *data[1:]])
-    if isinstance(data, np.ndarray) and data.size:
-        if not np.issubdtype(data.dtype, np.floating):
-            raise ValueError(f"{IMAGE_RANGE_ADVICE}, got dtype {data.dtype}; convert pixels with "
+    array = data.numpy() if tf.is_tensor(data) and hasattr(data, "numpy") else data  # eager tensors
+    if isinstance(array, np.ndarray) and array.size:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"{IMAGE_RANGE_ADVICE}, got dtype {array.dtype}; convert pixels with "
                              "x.astype('float32') / 255")
-        low, high = float(data.min()), float(data.max())
+        low, high = float(array.min()), float(array.max())
         if not (low >= 0.0 and high <= 1.0):
             raise ValueError(f"{IMAGE_RANGE_ADVICE}; 0-255 pixels must be divided by 255. Got values in "
                              f"[{low:g}, {high:g}]")

@@ -449,3 +449,14 @@ def test_rvs_collapsing_on_a_batchnorm_classifier_stops_with_what_to_change(batc
             fit()
     else:
         assert fit().history["clean_accuracy"][-1] > 0.5
+
+
+def test_rvs_export_refuses_a_classifier_with_non_finite_weights(tmp_path):
+    classifier = tiny_classifier()
+    classifier.weights[0].assign(tf.fill(classifier.weights[0].shape, np.nan))
+    classifier.save(tmp_path / "diverged.keras")
+    result = run([script("rvs-export"), f"--model={tmp_path / 'diverged.keras'}",
+                  f"--export_dir={tmp_path / 'exports'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("rvs-export: error: classifier: non-finite weights (NaN or Inf) in ")
+    assert export.versions(str(tmp_path / "exports" / "diverged")) == []
