@@ -119,7 +119,6 @@ RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_r
              "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
              "momentum", "weight_decay", "generator_optimizer", "generator_lr", "seed", "steps_per_epoch",
              "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps")
-RUN_FLAGS += ("deterministic",)  # op determinism changes the kernels, so the figures
 
 
 def parse_cost_scale(value):
@@ -173,6 +172,9 @@ def _valid(parse, value):
         return True
     except ValueError:
         return False
+
+
+RUN_FLAGS += ("deterministic",)  # op determinism changes the kernels, so the figures
 
 
 def run_config():
