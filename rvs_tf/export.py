@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from rvs_tf import guards
+from rvs_tf.checkpoints import write_error
 
 METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -133,7 +134,6 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
     except (OSError, tf.errors.OpError) as error:  # a full disk, a read-only folder
         shutil.rmtree(staging, ignore_errors=True)
-        from rvs_tf.checkpoints import write_error
         raise write_error(final, error, kept=f"the earlier versions under {model_dir} are untouched") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -103,9 +103,9 @@ class RobustModel(keras.Model):
         return []
 
     def fit(self, x=None, *args, callbacks=None, validation_data=None, **kwargs):
-        """Keras fit, with a NonFiniteGuard first among the callbacks unless one is given (a diverged run
-        stops with NonFiniteError at its first non-finite loss, before any callback saves its weights),
-        and images outside [0, 1] refused (guards.checked_data)."""
+        """Keras fit, with a NonFiniteGuard and a FeatureCollapseGuard first among the callbacks unless
+        given (a diverged or collapsing run stops at once, before any callback saves its weights), and
+        images outside [0, 1] refused (guards.checked_data)."""
         return super().fit(guards.checked_data(x), *args, callbacks=guards.with_guard(callbacks),
                            validation_data=guards.checked_data(validation_data), **kwargs)
 

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from rvs_tf import baselines, export, guards
-from rvs_tf.checkpoints import STATE_FILE, RunCheckpoint
+from rvs_tf.checkpoints import STATE_FILE, CheckpointError, CheckpointWarning, RunCheckpoint
 from rvs_tf.training import NonFiniteError
 from test_cli import BIN, snapshot
 from test_data import _write_idx_dir
@@ -110,7 +109,7 @@ def test_a_last_checkpoint_that_does_not_load_falls_back_to_an_older_one(tmp_pat
         last.write_bytes(last.read_bytes()[:1000])
     else:
         last.unlink()
-    with pytest.warns(guards_warning(), match=rf"checkpoint .*epoch-3.weights.h5: cannot be loaded "
+    with pytest.warns(CheckpointWarning, match=rf"checkpoint .*epoch-3.weights.h5: cannot be loaded "
                                               rf"\(.*{reason}.*\); trying an older one"):
         checkpoint, epoch, fresh = restored(tmp_path)
     assert epoch == 1 and checkpoint.state["last"] == "best-epoch-1.weights.h5"
@@ -119,15 +118,10 @@ def test_a_last_checkpoint_that_does_not_load_falls_back_to_an_older_one(tmp_pat
         np.testing.assert_array_equal(expected, actual.numpy())
 
 
-def guards_warning():
-    from rvs_tf.checkpoints import CheckpointWarning
-    return CheckpointWarning
-
-
 def test_a_corrupt_state_file_falls_back_to_the_files_beside_it(tmp_path):
     weights = three_epochs(tmp_path)
     (tmp_path / STATE_FILE).write_text('{"epoch": 3, "la')
-    with pytest.warns(guards_warning(), match=r"state.json: unreadable \(.*\); looking for checkpoint files"):
+    with pytest.warns(CheckpointWarning, match=r"state.json: unreadable \(.*\); looking for checkpoint files"):
         checkpoint, epoch, fresh = restored(tmp_path)
     assert epoch == 3 and checkpoint.state["best"] is None
     for expected, actual in zip(weights[3], fresh.weights):
@@ -135,12 +129,10 @@ def test_a_corrupt_state_file_falls_back_to_the_files_beside_it(tmp_path):
 
 
 def test_no_checkpoint_that_loads_is_a_clear_error(tmp_path):
-    from rvs_tf.checkpoints import CheckpointError
-
     three_epochs(tmp_path)
     for name in ("epoch-3.weights.h5", "best-epoch-1.weights.h5"):
         (tmp_path / name).write_bytes(b"\x89HDF\r\n\x1a\n truncated")
-    with pytest.warns(guards_warning()), pytest.raises(CheckpointError, match="none of .* loads; move"):
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="none of .* loads; move"):
         restored(tmp_path)
 
 

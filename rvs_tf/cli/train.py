@@ -174,7 +174,7 @@ def _valid(parse, value):
         return False
 
 
-RUN_FLAGS += ("deterministic",)  # op determinism changes the kernels, so the figures
+RUN_FLAGS += ("deterministic",)  # op determinism changes the kernels and so the figures
 
 
 def run_config():
@@ -421,7 +421,8 @@ def save_classifier(classifier, workdir, metadata):
     reads), each written to a temporary name first."""
     from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE, write_error, write_json_atomic
 
-    temporary, path = os.path.join(workdir, ".tmp-" + CLASSIFIER_FILE), os.path.join(workdir, CLASSIFIER_FILE)
+    temporary = os.path.join(workdir, ".tmp-" + CLASSIFIER_FILE)
+    path = os.path.join(workdir, CLASSIFIER_FILE)
     try:
         classifier.save(temporary)
         os.replace(temporary, path)
