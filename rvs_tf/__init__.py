@@ -3,6 +3,8 @@
 Importing the package registers its Keras classes, so `keras.models.load_model` reads saved rvs_tf
 models (an `RVSModel`, or a classifier with rvs_tf layers) after a plain `import rvs_tf`.
 """
+from rvs_tf import _quiet_cli  # noqa: F401  (first, before TensorFlow loads: see there)
+
 __version__ = "0.1.0"
 
 from rvs_tf import models, monitors  # noqa: E402  (models registers the classifier layers)

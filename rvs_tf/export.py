@@ -1,6 +1,7 @@
 """SavedModel export for TF Serving: `<export_dir>/<name>/<version>/`, classifier only.
 
-Signature `serving_default`: input `images` float32 [batch, H, W, C] in [0, 1]; outputs `logits`,
+Signature `serving_default`: input `images` float32 [batch, H, W, C] in [0, 1] (values outside are
+refused with an error naming the range, never answered as if scaled); outputs `logits`,
 `probabilities` and `classes`. Signature `serving_bytes` (BYTES_SIGNATURE): input `image_bytes` string
 [batch], each an encoded PNG/JPEG/GIF/BMP (what TF Serving's REST API carries as `{"b64": ...}`), decoded,
 converted to the model's channels and resized to its H x W (bilinear) inside the graph; same outputs.
@@ -17,6 +18,9 @@ import tempfile
 
 import keras
 import tensorflow as tf
+
+from rvs_tf import guards
+from rvs_tf.checkpoints import write_error
 
 METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -41,10 +45,15 @@ def check_writable(export_dir, flag="--export_dir"):
                               f"{error.strerror or error}") from None
 
 
-def serving_function(classifier):
-    """The serving computation: float32 logits (even for a mixed-precision model), softmax, argmax."""
+def serving_function(classifier, check_range=False):
+    """The serving computation: float32 logits (even for a mixed-precision model), softmax, argmax.
+    `check_range`: refuse images outside [0, 1] (what the float signature takes) with an
+    InvalidArgumentError, which TF Serving returns as the request's error, instead of answering for
+    mis-scaled pixels."""
 
     def serve(images):
+        if check_range:
+            images = guards.checked_images(images)
         logits = tf.cast(classifier(images, training=False), tf.float32)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits),
                 "classes": tf.argmax(logits, axis=-1)}
@@ -93,6 +102,10 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
     if not _NAME.match(name or ""):
         raise ValueError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
+    bad = guards.non_finite_variables(classifier.weights)
+    if bad:
+        raise ValueError(f"classifier: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}; refusing to "
+                         "export a diverged model (retrain it, or export an earlier checkpoint)")
     model_dir = os.path.join(export_dir, name)
     check_writable(model_dir)
     if version is None:
@@ -109,7 +122,7 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         archive = keras.export.ExportArchive()
         archive.track(classifier)
         archive.add_endpoint(
-            "serving_default", serving_function(classifier),
+            "serving_default", serving_function(classifier, check_range=True),
             input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
         archive.add_endpoint(
             BYTES_SIGNATURE, bytes_serving_function(classifier),
@@ -119,6 +132,9 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:
             json.dump(metadata or {}, handle, indent=2, sort_keys=True, default=str)
         os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
+    except (OSError, tf.errors.OpError) as error:  # a full disk, a read-only folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_error(final, error, kept=f"the earlier versions under {model_dir} are untouched") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,7 +13,8 @@ The RVS step (DESIGN.md section 1), per batch (x, y) with budget eps:
 import keras
 import tensorflow as tf
 
-from rvs_tf import attacks, sinkhorn
+from rvs_tf import attacks, guards, sinkhorn
+from rvs_tf.guards import FeatureCollapseError, NonFiniteError, NonFiniteGuard  # noqa: F401  (API)
 from rvs_tf.models import FEATURES_LAYER
 
 BOUNDS = ("clip", "tanh")
@@ -101,6 +102,17 @@ class RobustModel(keras.Model):
 
     def _extra_trackers(self):
         return []
+
+    def fit(self, x=None, *args, callbacks=None, validation_data=None, **kwargs):
+        """Keras fit, with a NonFiniteGuard and a FeatureCollapseGuard first among the callbacks unless
+        given (a diverged or collapsing run stops at once, before any callback saves its weights), and
+        images outside [0, 1] refused (guards.checked_data)."""
+        return super().fit(guards.checked_data(x), *args, callbacks=guards.with_guard(callbacks),
+                           validation_data=guards.checked_data(validation_data), **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        """Keras evaluate, with images outside [0, 1] refused (its PGD accuracy reads eps on that scale)."""
+        return super().evaluate(guards.checked_data(x), *args, **kwargs)
 
     @property
     def metrics(self):
@@ -232,7 +244,7 @@ class RobustModel(keras.Model):
         if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] not in (1, None):
             raise ValueError(f"labels: expected integer class indices of shape [batch], got shape {y.shape} "
                              "(one-hot labels? pass tf.argmax(labels, -1))")
-        return tf.cast(x, tf.float32), tf.reshape(tf.cast(y, tf.int64), [-1])
+        return guards.checked_images(x), tf.reshape(tf.cast(y, tf.int64), [-1])
 
     def test_step(self, data):
         """Clean accuracy, and accuracy under FGSM and PGD (`eval_pgd_steps`, CE, random start) at eps.

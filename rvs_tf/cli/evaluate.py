@@ -9,6 +9,7 @@ each attack with its settings and the per-example worst case with its 95% interv
 report.md and figures to --output_dir (default: next to the model, e.g. saved_models/<name>/eval_<version>).
 """
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -32,7 +33,8 @@ flags.DEFINE_string("output_dir", None, "Where the report goes (default: next to
 flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and proposals.")
 flags.DEFINE_integer("sweep_examples", 100, "Examples of the accuracy-against-eps sweep (0 skips it).")
 flags.DEFINE_bool("cascade", True, "Attack only examples no earlier attack broke (as AutoAttack).")
-flags.DEFINE_bool("progress", True, "Show a progress bar per attack.")
+flags.DEFINE_bool("progress", True, "Show a progress bar per attack (on a terminal only: Keras's bars are "
+                  "escape codes, which fill logs).")
 flags.mark_flags_as_required(["model"])
 
 
@@ -84,7 +86,8 @@ def main(argv):
     report = evaluate.robustness_report(
         FLAGS.model, ds, eps=eps, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
         batch_size=FLAGS.batch_size, cascade=FLAGS.cascade, sweep_examples=FLAGS.sweep_examples,
-        output_dir=output_dir, seed=FLAGS.seed, progress=FLAGS.progress, dataset_name=dataset)
+        output_dir=output_dir, seed=FLAGS.seed, progress=FLAGS.progress and sys.stdout.isatty(),
+        dataset_name=dataset)
     print("\n".join([f"dataset {dataset}", *evaluate.format_summary(report),
                      f"report: {os.path.join(output_dir, 'report.md')}"]))
 

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from rvs_tf.cli.flag_types import DEFINE_fraction
 
@@ -51,6 +51,8 @@ def load_source(path):
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # TF's INFO lines about the SavedModel it writes hide our messages
+        logging.set_verbosity(logging.WARNING)
     from rvs_tf import export
 
     try:

@@ -5,11 +5,13 @@ it (then `rvs-evaluate --model=saved_models/<name>` measures its robustness).
 
 Rerunning the same command after an interruption resumes from the last finished epoch in --workdir.
 """
+import atexit
 import json
 import os
 import re
 import sys
 import time
+import warnings
 
 from absl import app, flags, logging
 
@@ -113,6 +115,11 @@ flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard logs (default:
 flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving exports.")
 flags.DEFINE_bool("export", True, "Export the best classifier when training ends.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool("deterministic", False, "Deterministic TF kernels (tf.config.experimental."
+                  "enable_op_determinism), for identical seeded reruns on GPUs. On CPU seeded reruns on one "
+                  "machine are identical without it; it made 40 quick-start RVS steps 9% slower on 2 cores "
+                  "(29.6 s against 27.2 s). Other core counts, CPU/GPU types or TF versions still change the "
+                  "figures (README, Reproducibility).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the train step (measured 1.7x slower on CPU; turned "
                   "off with a warning under several replicas).")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
@@ -186,6 +193,9 @@ def _valid(parse, value):
         return True
     except ValueError:
         return False
+
+
+RUN_FLAGS += ("deterministic",)  # op determinism changes the kernels and so the figures
 
 
 def run_config():
@@ -297,6 +307,27 @@ def _fail(message):
     sys.exit(2)
 
 
+def _checked(function, *args, **kwargs):
+    """function(*args, **kwargs), with a checkpoint that does not load shown as a one-line warning, and a
+    write error or a run that cannot be resumed as a one-line error."""
+    from rvs_tf.checkpoints import CheckpointError, CheckpointWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointWarning)
+        try:
+            result = function(*args, **kwargs)
+        except (CheckpointError, OSError) as error:
+            result = error
+    for warning in caught:
+        if issubclass(warning.category, CheckpointWarning):
+            print(f"rvs-train: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if isinstance(result, Exception):
+        _fail(result)
+    return result
+
+
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # TF's INFO lines drown the progress bars
@@ -305,8 +336,9 @@ def main(argv):
     import keras
     import tensorflow as tf
 
-    from rvs_tf import data, distribute, export
+    from rvs_tf import data, distribute, export, runlock
     from rvs_tf.checkpoints import RunCheckpoint, write_json_atomic
+    from rvs_tf.guards import TrainingHalted
 
     name = FLAGS.name or f"{FLAGS.dataset}_{FLAGS.method}"
     workdir = FLAGS.workdir or os.path.join("runs", name)
@@ -317,6 +349,8 @@ def main(argv):
         if FLAGS.export and chief:
             export.check_writable(FLAGS.export_dir)
         os.makedirs(workdir, exist_ok=True)
+        if chief:  # one run per workdir; released at exit, taken over once stale after a kill
+            atexit.register(runlock.RunLock(workdir).acquire().release)
         config_path = os.path.join(workdir, "config.json")
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as handle:
@@ -330,6 +364,8 @@ def main(argv):
                     + ", ".join(f"--{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(changed.items()))
                     + "; choose another --workdir or --name to start a new run")
         keras.utils.set_random_seed(FLAGS.seed)
+        if FLAGS.deterministic:
+            tf.config.experimental.enable_op_determinism()
         train_ds, val_ds, test_ds, info = data.make_datasets(
             FLAGS.dataset, batch_size=FLAGS.batch_size, validation_size=FLAGS.validation_size,
             data_dir=FLAGS.data_dir, idx_dir=FLAGS.idx_dir, seed=FLAGS.seed,
@@ -337,19 +373,19 @@ def main(argv):
         steps_per_epoch = FLAGS.steps_per_epoch or info.num_train // FLAGS.batch_size
         with strategy.scope():
             model = build_model(info, steps_per_epoch)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         _fail(error)
     if chief and not os.path.isfile(config_path):  # only once everything above was accepted
-        write_json_atomic(config_path, run_config())
+        _checked(write_json_atomic, config_path, run_config())
 
     if FLAGS.strategy == "multi_worker":  # each worker reads its own share of every batch
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         train_ds = train_ds.with_options(options)
     checkpoint_dir, log_dir = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "logs")
-    checkpoint = RunCheckpoint(checkpoint_dir, monitor="val_pgd_accuracy",
-                               write_directory=distribute.worker_dir(checkpoint_dir, strategy))
-    initial_epoch = checkpoint.restore(model)
+    checkpoint = _checked(RunCheckpoint, checkpoint_dir, monitor="val_pgd_accuracy",
+                          write_directory=distribute.worker_dir(checkpoint_dir, strategy))
+    initial_epoch = _checked(checkpoint.restore, model)
     if initial_epoch:
         print(f"Resuming {workdir} from epoch {initial_epoch}")
     sample_ds, _ = data.make_eval_dataset(FLAGS.dataset, split="validation", batch_size=8, num_examples=8,
@@ -371,15 +407,22 @@ def main(argv):
     if initial_epoch < FLAGS.epochs:
         # Skip the batches already trained on: every seed is fixed, so a resumed run sees the same data
         # order and augmentations as an uninterrupted one.
-        model.fit(train_ds.repeat().skip(initial_epoch * steps_per_epoch), epochs=FLAGS.epochs,
-                  initial_epoch=initial_epoch,
-                  steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callbacks, shuffle=False,
-                  verbose=1 if sys.stdout.isatty() else 2)
+        try:
+            model.fit(train_ds.repeat().skip(initial_epoch * steps_per_epoch), epochs=FLAGS.epochs,
+                      initial_epoch=initial_epoch,
+                      steps_per_epoch=steps_per_epoch, validation_data=val_ds, callbacks=callbacks,
+                      shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        except (TrainingHalted, OSError) as error:  # nothing was saved for the failed epoch, no export
+            kept = checkpoint.state["epoch"]
+            _fail(f"{error}. " + (f"The checkpoint of epoch {kept} in {checkpoint_dir} is kept as the "
+                                  "resume point" if kept else "No checkpoint was written")
+                  + "; nothing was exported" + ("; to retry with other settings, choose another --workdir "
+                                                "or --name" if isinstance(error, TrainingHalted) else ""))
     if not chief:  # only the chief keeps checkpoints, logs, the best classifier and the export
         distribute.discard_worker_dir(checkpoint_dir, strategy)
         distribute.discard_worker_dir(log_dir, strategy)
         return
-    best_epoch = checkpoint.load_best(model)
+    best_epoch = _checked(checkpoint.load_best, model)
     minutes = (time.time() - started) / 60
     print(f"Training done in {minutes:.1f} min; best epoch by val_pgd_accuracy: {best_epoch}")
     record_path = os.path.join(workdir, EXPORT_RECORD)
@@ -400,7 +443,7 @@ def main(argv):
                     **checkpoint.state.get("history", {}).get(str(best_epoch), {})},
     }
     print(f"Test clean accuracy: {test_clean:.4f} ({info.num_test} images)")
-    save_classifier(model.classifier, workdir, metadata)
+    _checked(save_classifier, model.classifier, workdir, metadata)
     if FLAGS.export:
         try:
             path = export.export_classifier(model.classifier, FLAGS.export_dir, name, metadata=metadata)
@@ -421,11 +464,17 @@ def _read_export_record(path):
 def save_classifier(classifier, workdir, metadata):
     """The best classifier as a .keras file and its metadata, beside the checkpoints (what rvs-export
     reads), each written to a temporary name first."""
-    from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE, write_json_atomic
+    from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE, write_error, write_json_atomic
 
     temporary = os.path.join(workdir, ".tmp-" + CLASSIFIER_FILE)
-    classifier.save(temporary)
-    os.replace(temporary, os.path.join(workdir, CLASSIFIER_FILE))
+    path = os.path.join(workdir, CLASSIFIER_FILE)
+    try:
+        classifier.save(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise write_error(path, error, kept="its previous version is kept") from error
     write_json_atomic(os.path.join(workdir, METADATA_FILE), metadata)
 
 
