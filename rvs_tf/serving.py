@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from rvs_tf import export
 
-DEFAULT_SIGNATURE = "serving_default"
+DEFAULT_SIGNATURE = export.SERVING_SIGNATURE  # what a request without "signature_name" gets
 
 
 class PredictError(ValueError):
@@ -150,11 +150,8 @@ class RestServer:
 
     def __init__(self, model_dir, *, host="127.0.0.1", port=0, max_requests=None):
         self.name = os.path.basename(os.path.normpath(model_dir))
-        found = export.versions(model_dir)
-        if not found:
-            raise FileNotFoundError(f"model_dir: no integer versions under {model_dir!r}")
-        self.models = {v: tf.saved_model.load(os.path.join(model_dir, str(v))) for v in found}
-        self.latest = found[-1]
+        self.models = export.load_versions(model_dir)
+        self.latest = max(self.models)
         self.remaining = max_requests
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer((host, port), self._handler())
@@ -225,9 +222,7 @@ def prediction_servicer(model_dir):
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     name = os.path.basename(os.path.normpath(model_dir))
-    models = {v: tf.saved_model.load(os.path.join(model_dir, str(v))) for v in export.versions(model_dir)}
-    if not models:
-        raise FileNotFoundError(f"model_dir: no integer versions under {model_dir!r}")
+    models = export.load_versions(model_dir)
 
     class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):

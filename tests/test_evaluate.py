@@ -11,6 +11,7 @@ from absl import flags
 from scipy import stats
 
 from rvs_tf import evaluate
+from rvs_tf import export as export_lib
 from rvs_tf.data import DEFAULT_IDX_DIR, load_idx_arrays
 from rvs_tf.evaluate import attack_spec
 
@@ -102,18 +103,15 @@ def test_natural_model_breaks_at_eps_0_3_and_passes_the_checks(natural):
 
 
 def export(model, directory, metadata):
+    """A version folder as the serving contract of rvs_tf.export describes it, written by hand."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-
-    def serve(images):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "classes": tf.argmax(logits, -1)}
-
-    archive.add_endpoint("serving_default", serve,
-                         input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")])
+    archive.add_endpoint(export_lib.SERVING_SIGNATURE, export_lib.serving_function(model), input_signature=[
+        tf.TensorSpec([None, 28, 28, 1], tf.float32, name=export_lib.IMAGES_INPUT)])
     archive.write_out(str(directory), verbose=False)
-    os.makedirs(directory / "assets.extra")
-    (directory / "assets.extra" / "rvs_metadata.json").write_text(json.dumps(metadata))
+    path = directory / export_lib.VERSION_METADATA_FILE
+    os.makedirs(path.parent)
+    path.write_text(json.dumps(metadata))
 
 
 def test_savedmodel_and_cli(natural, tmp_path, capsys):
@@ -158,7 +156,7 @@ def test_cli_validators_name_the_flag(tmp_path, argv, flag):
             cli.FLAGS(["rvs-evaluate", f"--model={tmp_path / 'm.keras'}", *argv])
     finally:
         cli.FLAGS.unparse_flags()
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(ValueError, match="model: expected a SavedModel directory"):
         evaluate.resolve_model_path(tmp_path / "missing")
 
 
