@@ -32,6 +32,7 @@ def test_signature_versions_and_metadata(tmp_path):
     assert inputs["images"].dtype == tf.float32 and inputs["images"].shape.as_list() == [None, 6, 6, 1]
     assert set(signature.structured_outputs) == set(export.OUTPUTS) == {"logits", "probabilities", "classes"}
     assert export.image_signature(loaded, first) == (signature, "images")
+    assert (export.BYTES_SIGNATURE, export.BYTES_INPUT) == ("serving_bytes", "image_bytes")  # what clients send
 
     x = np.random.default_rng(0).uniform(size=(5, 6, 6, 1)).astype("float32")
     out = signature(images=tf.constant(x))
@@ -95,3 +96,15 @@ def test_metadata_is_json(tmp_path):
                                     metadata={"metrics": {"acc": np.float32(0.5).item()}})
     with open(os.path.join(path, export.VERSION_METADATA_FILE)) as handle:
         assert json.load(handle)["metrics"]["acc"] == 0.5
+
+
+def test_version_readers_name_what_they_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_dir: expected integer versions"):
+        export.load_versions(str(tmp_path))
+    export.export_classifier(classifier(), str(tmp_path), "demo", version=2)
+    assert list(export.load_versions(str(tmp_path / "demo"))) == [2]
+    assert export.resolve_model_path(tmp_path / "demo" / "2") == (str(tmp_path / "demo" / "2"), 2)
+    with pytest.raises(ValueError, match="model: expected a .keras file"):
+        export.resolve_model_path(tmp_path / "missing.keras")
+    with pytest.raises(ValueError, match="model: expected a SavedModel directory"):
+        export.resolve_model_path(tmp_path)
