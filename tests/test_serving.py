@@ -121,14 +121,16 @@ def test_rest_mapping_row_and_columnar(tmp_path):
     assert serving.predict_json(signatures, {"signature_name": "double", "instances": [{"x": [0, 1]}]}) == {
         "predictions": [[0.0, 2.0]]}
 
-    for body, message in [({"instances": [], "inputs": {}}, "exactly one"),
-                          ({"signature_name": "nope", "inputs": [[1, 2]]}, "signature_name"),
+    for body, message in [({"instances": [], "inputs": {}}, "body: expected exactly one"),
+                          ({"signature_name": "nope", "inputs": [[1, 2]]}, "signature_name: expected one of"),
                           ({"signature_name": "double", "instances": [[1, 2, 3]]},
                            "input 'x': expected shape"),
-                          ({"instances": [{"x": [1, 2]}]}, "inputs \\['tag', 'x'\\]"),
-                          ({"signature_name": "double", "inputs": [["a", 1]]}, "cannot read"),
-                          ({"inputs": {"x": [[1, 2]], "tag": [{"b64": "%%%"}]}}, "invalid base64"),
-                          ("{", "not valid JSON")]:
+                          ({"instances": [{"x": [1, 2]}]},
+                           "instances: expected objects with the inputs \\['tag', 'x'\\]"),
+                          ({"signature_name": "double", "inputs": [["a", 1]]},
+                           "input 'x': expected float32 values"),
+                          ({"inputs": {"x": [[1, 2]], "tag": [{"b64": "%%%"}]}}, "b64: expected base64 text"),
+                          ("{", "body: expected valid JSON")]:
         with pytest.raises(serving.PredictError, match=message):
             serving.predict_json(signatures, body)
 

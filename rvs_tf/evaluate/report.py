@@ -2,6 +2,7 @@
 import numbers
 import time
 
+from rvs_tf.arguments import check_int
 from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib
 from rvs_tf.evaluate.models import load_model
 from rvs_tf.evaluate.runner import Runner, materialise
@@ -76,12 +77,11 @@ def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance):
     """Refuse bad arguments before loading anything."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"eps: expected a number in [0, 1] (L-inf radius for images in [0, 1]), got {eps!r}")
-    for name, value, minimum in (("batch_size", batch_size, 1), ("sweep_examples", sweep_examples, 0),
-                                 ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    if num_examples is not None and (not isinstance(num_examples, numbers.Integral) or num_examples < 1):
-        raise ValueError(f"num_examples: expected None or an integer >= 1, got {num_examples!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("sweep_examples", sweep_examples, 0)
+    check_int("seed", seed, 0)
+    if num_examples is not None:
+        check_int("num_examples", num_examples, 1)
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance: expected a number in [0, 1), got {tolerance!r}")
 
