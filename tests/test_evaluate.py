@@ -199,3 +199,29 @@ def test_mixed_precision_models_are_attacked_through_a_float32_copy(tmp_path):
         distribute.set_mixed_precision("float32")
     copy, _, name = evaluate.load_model(trainer)
     assert "float32 copy" in name and copy.dtype_policy.compute_dtype == "float32"
+
+
+def test_a_new_attack_kind_runs_without_changes_elsewhere():
+    """Runner, sweep and checks read the kind's properties, never its name."""
+    def corner(model, x, y, *, eps, seed, tries):  # a random vertex of the eps-ball (tries: 1 only)
+        sign = tf.sign(tf.random.stateless_uniform(tf.shape(x), seed) - 0.5)
+        return tf.clip_by_value(x + tf.cast(eps, tf.float32) * sign, 0.0, 1.0)
+
+    kind = evaluate.AttackKind("corner", corner, lambda p: [f"{p['tries']} try"], white_box=False)
+    spec = attack_spec("Corner", kind, tries=1)
+    assert evaluate.AttackSpec("Corner", kind, (("tries", 1),), white_box=False) == spec
+    model = Quantised(np.random.default_rng(1).normal(size=(64, 10)))
+    x = np.random.default_rng(2).uniform(0.2, 0.8, size=(16, 8, 8, 1)).astype(np.float32)
+    y = np.argmax(model(x), -1)
+    report = evaluate.robustness_report(model, (x, y), eps=0.05, attacks=[spec, evaluate.ATTACKS["fgsm"]],
+                                        sweep_examples=8, sweep_eps=[0.05], progress=False)
+    assert [r["name"] for r in report["attacks"]] == ["FGSM", "Corner"]  # white-box first
+    row = report["attacks"][1]
+    assert row["function"] == "corner" and row["white_box"] is False and row["params"] == {"tries": 1}
+    assert row["description"] == "Corner (1 try, eps=0.05, L-inf)"
+    assert report["eps_sweep"]["attacks"]["Corner"] == "Corner (1 try, L-inf)"
+    assert not report["worst_case"]["is_upper_bound_only"]
+    checks = {c["name"]: c["passed"] for c in report["sanity_checks"]}
+    assert checks["white_box_at_least_as_strong_as_gradient_free"] is not None
+    with pytest.raises(ValueError, match="fn: expected an attack of rvs_tf.attacks"):
+        attack_spec("CW", "cw")

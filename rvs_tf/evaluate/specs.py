@@ -62,6 +62,13 @@ class AttackSpec:
     params: tuple = ()
     white_box: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.kind, str):  # AttackSpec("PGD-20", "pgd", ...), as before kinds existed
+            if self.kind not in KINDS:
+                raise ValueError(f"fn: expected an attack of rvs_tf.attacks ({', '.join(KINDS)}), "
+                                 f"got {self.kind!r}")
+            object.__setattr__(self, "kind", KINDS[self.kind])
+
     @property
     def fn(self):
         """The attack function's name in rvs_tf.attacks (what the report records)."""
@@ -87,11 +94,8 @@ class AttackSpec:
 def attack_spec(name, fn, *, white_box=None, **params):
     """AttackSpec for `rvs_tf.attacks.<fn>` with keyword arguments `params` (eps and seed come later);
     `white_box` defaults to the attack's own (False for Square)."""
-    kind = fn if isinstance(fn, AttackKind) else KINDS.get(fn)
-    if kind is None:
-        raise ValueError(f"fn: expected an attack of rvs_tf.attacks ({', '.join(KINDS)}), got {fn!r}")
-    return AttackSpec(name, kind, tuple(sorted(params.items())),
-                      kind.white_box if white_box is None else white_box)
+    spec = AttackSpec(name, fn, tuple(sorted(params.items())))
+    return dataclasses.replace(spec, white_box=spec.kind.white_box if white_box is None else white_box)
 
 
 ATTACKS = {
