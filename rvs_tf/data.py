@@ -306,11 +306,10 @@ def make_datasets(name, *, batch_size, validation_size=5000, data_dir=None, idx_
       ``(train_ds, val_ds, test_ds, info)``; only ``train_ds`` shuffles and augments.
     """
     _check_name(name)
-    check_int("batch_size", batch_size, 1)
-    check_int("validation_size", validation_size, 0)
-    check_int("pad", pad, 0)
-    if shuffle_buffer is not None:
-        check_int("shuffle_buffer", shuffle_buffer, 1)
+    buffer = 1 if shuffle_buffer is None else shuffle_buffer  # None: the whole split
+    for arg, value, minimum in (("batch_size", batch_size, 1), ("validation_size", validation_size, 0),
+                                ("pad", pad, 0), ("shuffle_buffer", buffer, 1)):
+        check_int(arg, value, minimum)
     mode = _resolve_augment(name, augment)
     info = dataset_info(name, validation_size=validation_size, data_dir=data_dir, idx_dir=idx_dir)
     idx_cache = {}
