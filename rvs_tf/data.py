@@ -298,9 +298,8 @@ def make_datasets(name, *, batch_size, validation_size=5000, data_dir=None, idx_
       seed: seeds both the per-epoch shuffle and the augmentation.
       shuffle_buffer: None = the whole training split (exact shuffle; every dataset here fits).
       cache: cache the decoded uint8 examples in memory (True), in files (a path prefix; one file
-        per split), or not (False).
-        Caching comes before shuffling and augmentation, so each epoch is shuffled and augmented
-        afresh.
+        per split), or not (False). Caching comes before shuffling and augmentation, so each epoch
+        is shuffled and augmented afresh.
       drop_remainder: for train only, so every replica gets an equal share of each batch.
     Returns:
       ``(train_ds, val_ds, test_ds, info)``; only ``train_ds`` shuffles and augments.
