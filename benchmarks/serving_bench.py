@@ -51,17 +51,17 @@ def main(argv):
     import tensorflow as tf
     from PIL import Image
 
-    from rvs_tf import evaluate, export, models, serving
+    from rvs_tf import export, models, serving
 
     if FLAGS.model:
-        path, _ = evaluate.resolve_model_path(FLAGS.model)
+        path, _ = export.resolve_model_path(FLAGS.model)
     else:
         shape = tuple(int(s) for s in FLAGS.shape)
         classifier = models.build_classifier(FLAGS.arch, shape, 10)
         path = export.export_classifier(classifier, tempfile.mkdtemp(), "bench", version=1)
     loaded = tf.saved_model.load(path)
-    floats, encoded = loaded.signatures["serving_default"], loaded.signatures[export.BYTES_SIGNATURE]
-    shape = tuple(serving.input_specs(floats)["images"].shape[1:])
+    floats, encoded = loaded.signatures[export.SERVING_SIGNATURE], loaded.signatures[export.BYTES_SIGNATURE]
+    shape = tuple(serving.input_specs(floats)[export.IMAGES_INPUT].shape[1:])
     print(f"export {path}: {_size_mb(path):.2f} MB on disk "
           f"({_size_mb(os.path.join(path, 'variables')):.2f} MB of variables), image shape {shape}")
     print("\n| path | batch | ms per call | ms per image |\n|---|---|---|---|")

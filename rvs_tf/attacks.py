@@ -23,6 +23,8 @@ import numbers
 import keras
 import tensorflow as tf
 
+from rvs_tf.arguments import check_int
+
 __all__ = ["model_logits", "LOSSES", "fgsm", "pgd", "apgd", "apgd_checkpoints", "square"]
 
 
@@ -32,8 +34,8 @@ def model_logits(model, x):
     out = model(x, training=False) if isinstance(model, keras.Layer) else model(x)
     if isinstance(out, dict):
         if "logits" not in out:
-            raise ValueError(f"model returned a dict without a 'logits' key (keys: {sorted(out)}); "
-                             "expected logits [B, K] or a dict with 'logits'")
+            raise ValueError(f"model: expected logits [B, K] or a dict with 'logits', got a dict with keys "
+                             f"{sorted(out)}")
         out = out["logits"]
     return tf.cast(out, tf.float32)
 
@@ -41,29 +43,24 @@ def model_logits(model, x):
 def _check_eps(eps):
     if isinstance(eps, numbers.Real) and not isinstance(eps, bool):
         if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be a finite number >= 0 (L-inf radius in [0, 1] pixel units), "
+            raise ValueError(f"eps: expected a finite number >= 0 (L-inf radius in [0, 1] pixel units), "
                              f"got {eps!r}")
     elif not (tf.is_tensor(eps) and eps.shape.rank == 0):
-        raise ValueError(f"eps must be a number or a scalar tensor, got {eps!r}")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"eps: expected a number or a scalar tensor, got {eps!r}")
 
 
 def _inputs(x, y):
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
-        raise ValueError(f"x must be float images in [0, 1], got dtype {x.dtype.name}")
+        raise ValueError(f"x: expected float images in [0, 1], got dtype {x.dtype.name}")
     x = tf.cast(x, tf.float32)
     y = tf.convert_to_tensor(y)
     if not y.dtype.is_integer:
-        raise ValueError(f"y must be integer class labels, got dtype {y.dtype.name}")
+        raise ValueError(f"y: expected integer class labels, got dtype {y.dtype.name}")
     if x.shape.rank is None or x.shape.rank < 2:
-        raise ValueError(f"x must be a batch [B, ...] of images, got shape {x.shape}")
+        raise ValueError(f"x: expected a batch [B, ...] of images, got shape {x.shape}")
     if y.shape.rank is not None and y.shape.rank != 1:
-        raise ValueError(f"y must be a vector [B] of class indices, got shape {y.shape}")
+        raise ValueError(f"y: expected a vector [B] of class indices, got shape {y.shape}")
     return x, tf.cast(y, tf.int32)
 
 
@@ -73,13 +70,22 @@ def _ball(x, eps):
     return tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
 
 
-def _uniform(shape, low, high, seed, salt):
+def _seed_pair(seed):
+    """None, or `seed` (an int or an int tensor of shape [2]) as the int64 [2] key of stateless ops."""
     if seed is None:
+        return None
+    key = tf.cast(tf.stack([seed, 0]) if isinstance(seed, numbers.Integral) else seed, tf.int64)
+    if key.shape != (2,):
+        raise ValueError(f"seed: expected None, an int or an int tensor of shape [2], got {seed!r}")
+    return key
+
+
+def _uniform(shape, low, high, seed, salt):
+    """Uniform noise: fresh on every call without a seed, else a function of (seed, salt)."""
+    key = _seed_pair(seed)
+    if key is None:
         return tf.random.uniform(shape, low, high)
-    base = tf.cast(tf.stack([seed, 0]) if isinstance(seed, numbers.Integral) else seed, tf.int64)
-    if base.shape != (2,):
-        raise ValueError(f"seed must be None, an int or an int tensor of shape [2], got {seed!r}")
-    key = tf.random.experimental.stateless_fold_in(base, tf.cast(salt, tf.int64))
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(salt, tf.int64))
     return tf.random.stateless_uniform(shape, key, low, high)
 
 
@@ -133,7 +139,7 @@ LOSSES = {"ce": ce_loss, "margin": margin_loss, "cw": margin_loss, "dlr": dlr_lo
 
 def _loss_fn(loss):
     if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+        raise ValueError(f"loss: expected one of {sorted(LOSSES)}, got {loss!r}")
     return LOSSES[loss]
 
 
@@ -173,10 +179,11 @@ def pgd(model, x, y, *, eps, steps=10, step_size=None, restarts=1, loss="ce", ra
     the worst point over all steps and restarts (a misclassified one if any).
     """
     _check_eps(eps)
-    _check_int("steps", steps, 1)
-    _check_int("restarts", restarts, 1)
+    check_int("steps", steps, 1)
+    check_int("restarts", restarts, 1)
     if restarts > 1 and not random_start:
-        raise ValueError("restarts > 1 needs random_start=True (otherwise every restart is the same)")
+        raise ValueError(f"restarts: expected 1 without random_start (every restart would be the same), "
+                         f"got {restarts}")
     loss_fn = _loss_fn(loss)
     x, y = _inputs(x, y)
     lo, hi = _ball(x, eps)
@@ -201,7 +208,7 @@ def pgd(model, x, y, *, eps, steps=10, step_size=None, restarts=1, loss="ce", ra
 def apgd_checkpoints(steps):
     """Iterations at which APGD may halve its step: w_j = ceil(p_j * steps) with p_0 = 0, p_1 = 0.22,
     p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (Croce & Hein 2020, section 3.2)."""
-    _check_int("steps", steps, 1)
+    check_int("steps", steps, 1)
     p = [0.0, 0.22]
     while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
@@ -261,11 +268,11 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
     `restarts` runs per target. Later runs only attack examples no earlier run has broken (cascade).
     """
     _check_eps(eps)
-    _check_int("steps", steps, 1)
-    _check_int("restarts", restarts, 1)
-    _check_int("num_targets", num_targets, 1)
+    check_int("steps", steps, 1)
+    check_int("restarts", restarts, 1)
+    check_int("num_targets", num_targets, 1)
     if not 0.0 < rho < 1.0:
-        raise ValueError(f"rho must be in (0, 1), got {rho!r}")
+        raise ValueError(f"rho: expected a number in (0, 1), got {rho!r}")
     loss_fn = _loss_fn(loss)
     x, y = _inputs(x, y)
     logits = model_logits(model, x)
@@ -273,21 +280,20 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
     if targeted:
         k = logits.shape[-1]
         if k is None or k < 4:
-            raise ValueError(f"targeted APGD needs at least 4 classes (DLR-targeted), "
-                             f"got logits {logits.shape}")
+            raise ValueError(f"logits: expected at least 4 classes for targeted APGD (DLR-targeted), "
+                             f"got shape {logits.shape}")
         is_y = tf.one_hot(y, k, on_value=True, off_value=False)
         ranked = tf.argsort(tf.where(is_y, tf.float32.min, logits), axis=-1, direction="DESCENDING",
                             stable=True)
         num_runs = min(num_targets, k - 1) * restarts
-    base_seed = None if seed is None else tf.cast(
-        tf.stack([seed, 0]) if isinstance(seed, numbers.Integral) else seed, tf.int64)
+    base_seed = _seed_pair(seed)
 
     def one_run(j, best_x, best_wrong):
         """Run j (target j // restarts) on the examples no earlier run has broken."""
         idx = tf.where(~best_wrong)[:, 0]
         xs, ys = tf.gather(x, idx), tf.gather(y, idx)
         ts = None if ranked is None else tf.gather(ranked[:, j // restarts], idx)
-        run_seed = None if seed is None else tf.random.experimental.stateless_fold_in(base_seed, j)
+        run_seed = None if base_seed is None else tf.random.experimental.stateless_fold_in(base_seed, j)
         # Keras layers such as Flatten cannot take an empty batch, so skip a run with nothing left.
         xr, wrong = tf.cond(tf.size(idx) > 0,
                             lambda: _apgd_run(model, xs, ys, ts, eps, steps, loss_fn, rho, run_seed),
@@ -303,6 +309,16 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
     return best_x
 
 
+def _square_window(u, size, height, width):
+    """[n, H, W, 1] masks of a size x size square per example, placed by u[:, 0] (top) and u[:, 1] (left)."""
+    top = tf.cast(u[:, 0] * tf.cast(height - size + 1, tf.float32), tf.int32)
+    left = tf.cast(u[:, 1] * tf.cast(width - size + 1, tf.float32), tf.int32)
+    rows, cols = tf.range(height)[None, :], tf.range(width)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + size)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size)
+    return in_rows[:, :, None, None] & in_cols[:, None, :, None]
+
+
 _P_HALVING = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # a tuple: no TF op at import (MultiWorker needs that)
 
 
@@ -316,15 +332,15 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
     Only examples still classified correctly are queried; `queries` counts model calls per example.
     """
     _check_eps(eps)
-    _check_int("queries", queries, 1)
+    check_int("queries", queries, 1)
     if not 0.0 < p_init <= 1.0:
-        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+        raise ValueError(f"p_init: expected a number in (0, 1], got {p_init!r}")
     x, y = _inputs(x, y)
     if x.shape.rank != 4 or x.shape[1] is None or x.shape[2] is None or x.shape[3] is None:
-        raise ValueError(f"square needs images [B, H, W, C] with static H, W, C, got shape {x.shape}")
+        raise ValueError(f"x: expected images [B, H, W, C] with static H, W, C for square, got shape {x.shape}")
     _, height, width, channels = x.shape
     if min(height, width) < 2:
-        raise ValueError(f"square needs images of at least 2x2 pixels, got shape {x.shape}")
+        raise ValueError(f"x: expected images of at least 2x2 pixels for square, got shape {x.shape}")
     lo, hi = _ball(x, eps)
     eps = tf.cast(eps, tf.float32)
 
@@ -346,12 +362,7 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
         s = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(p * height * width)), tf.int32), 1,
                              min(height, width) - 1)
         u = _uniform(tf.stack([n, 2 + channels]), 0.0, 1.0, seed, i)
-        top = tf.cast(u[:, 0] * tf.cast(height - s + 1, tf.float32), tf.int32)
-        left = tf.cast(u[:, 1] * tf.cast(width - s + 1, tf.float32), tf.int32)
-        rows, cols = tf.range(height)[None, :], tf.range(width)[None, :]
-        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + s)
-        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + s)
-        window = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+        window = _square_window(u, s, height, width)
         step = tf.where(u[:, 2:] < 0.5, -eps, eps)[:, None, None, :]
         # A proposal equal to the current window wastes a query: flip its signs instead.
         unchanged = tf.reduce_all(~window | (tf.abs(tf.clip_by_value(xs + step, los, his) - xb) < 1e-7),

@@ -27,7 +27,7 @@ from rvs_tf import guards
 STATE_FILE = "state.json"
 # Written into a training workdir when a run ends; what rvs-export reads.
 CLASSIFIER_FILE = "best_classifier.keras"
-METADATA_FILE = "metadata.json"
+WORKDIR_METADATA_FILE = "metadata.json"
 
 
 def _fsync(path):

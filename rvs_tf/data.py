@@ -16,6 +16,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from rvs_tf.arguments import check_int
+
 TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "mnist", "fashion_mnist")
 LOCAL_DATASETS = ("fashion_mnist_idx",)  # local IDX .gz files, the offline default
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
@@ -120,7 +122,7 @@ def _read_idx_header(path, ndim):
 
 def _load_idx_uint8(directory, split, num_classes=None):
     if split not in _IDX_FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     _check_idx_dir(directory)
     image_path, label_path = (_find_idx_file(directory, stem) for stem in _IDX_FILES[split])
     images = _read_idx(image_path, ndim=3)
@@ -151,13 +153,8 @@ def load_idx_arrays(directory, split, *, num_classes=None):
 
 def _check_name(name):
     if name not in TFDS_DATASETS + LOCAL_DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}; expected one of "
-                         f"{', '.join(TFDS_DATASETS + LOCAL_DATASETS)}")
-
-
-def _check_int(value, arg, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{arg}` must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"dataset: expected one of {', '.join(TFDS_DATASETS + LOCAL_DATASETS)}, "
+                         f"got {name!r}")
 
 
 def _tfds_split(split, validation_size):
@@ -175,7 +172,7 @@ def _source(name, split, *, validation_size, data_dir=None, idx_dir=DEFAULT_IDX_
     ``download=False`` makes TFDS fail fast offline instead of trying the network.
     """
     if split == "validation" and validation_size == 0:
-        raise ValueError("`validation_size` is 0, so there is no validation split")
+        raise ValueError("validation_size: expected > 0 for a validation split, got 0")
     if name in LOCAL_DATASETS:
         idx_split = "test" if split == "test" else "train"
         cache = {} if idx_cache is None else idx_cache
@@ -184,8 +181,8 @@ def _source(name, split, *, validation_size, data_dir=None, idx_dir=DEFAULT_IDX_
         images, labels = cache[idx_dir, idx_split]
         if split != "test":
             if validation_size >= len(labels):
-                raise ValueError(f"`validation_size` ({validation_size}) must be smaller than the "
-                                 f"training split ({len(labels)} examples)")
+                raise ValueError(f"validation_size: expected fewer than the {len(labels)} training "
+                                 f"examples, got {validation_size}")
             cut = len(labels) - validation_size
             part = slice(None, cut) if split == "train" else slice(cut, None)
             images, labels = images[part], labels[part]
@@ -212,7 +209,7 @@ def dataset_info(name, *, validation_size=5000, data_dir=None, idx_dir=DEFAULT_I
     from ``info.features["label"].names``). IDX: from the file headers.
     """
     _check_name(name)
-    _check_int(validation_size, "validation_size", 0)
+    check_int("validation_size", validation_size, 0)
     shape, num_classes, names, num_train, num_test, _ = _KNOWN[name]
     if name in LOCAL_DATASETS:
         _check_idx_dir(idx_dir)
@@ -231,8 +228,8 @@ def dataset_info(name, *, validation_size=5000, data_dir=None, idx_dir=DEFAULT_I
         if "train" in splits and "test" in splits and splits["train"].num_examples > 0:
             num_train, num_test = splits["train"].num_examples, splits["test"].num_examples
     if validation_size >= num_train:
-        raise ValueError(f"`validation_size` ({validation_size}) must be smaller than the training "
-                         f"split ({num_train} examples)")
+        raise ValueError(f"validation_size: expected fewer than the {num_train} training examples, "
+                         f"got {validation_size}")
     return DatasetInfo(name=name, image_shape=tuple(shape), num_classes=num_classes,
                        class_names=tuple(names), num_train=num_train - validation_size,
                        num_validation=validation_size, num_test=num_test)
@@ -268,9 +265,20 @@ def _resolve_augment(name, augment):
     if augment is True:
         return "crop_flip"
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"`augment` must be None (dataset default), a bool or one of "
-                         f"{AUGMENTATIONS}, got {augment!r}")
+        raise ValueError(f"augment: expected None (dataset default), a bool or one of {AUGMENTATIONS}, "
+                         f"got {augment!r}")
     return augment
+
+
+def _shuffled_and_augmented(train, shuffle_buffer, seed, mode, image_shape, pad):
+    """The training examples reshuffled every epoch and, unless `mode` is "none", augmented from a
+    stateless seed pair per example that also changes every epoch."""
+    train = train.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if mode == "none":
+        return train
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    return tf.data.Dataset.zip((train, seeds)).map(_augmenter(mode, image_shape, pad),
+                                                   num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def make_datasets(name, *, batch_size, validation_size=5000, data_dir=None, idx_dir=DEFAULT_IDX_DIR,
@@ -290,19 +298,17 @@ def make_datasets(name, *, batch_size, validation_size=5000, data_dir=None, idx_
       seed: seeds both the per-epoch shuffle and the augmentation.
       shuffle_buffer: None = the whole training split (exact shuffle; every dataset here fits).
       cache: cache the decoded uint8 examples in memory (True), in files (a path prefix; one file
-        per split), or not (False).
-        Caching comes before shuffling and augmentation, so each epoch is shuffled and augmented
-        afresh.
+        per split), or not (False). Caching comes before shuffling and augmentation, so each epoch
+        is shuffled and augmented afresh.
       drop_remainder: for train only, so every replica gets an equal share of each batch.
     Returns:
       ``(train_ds, val_ds, test_ds, info)``; only ``train_ds`` shuffles and augments.
     """
     _check_name(name)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(validation_size, "validation_size", 0)
-    _check_int(pad, "pad", 0)
-    if shuffle_buffer is not None:
-        _check_int(shuffle_buffer, "shuffle_buffer", 1)
+    buffer = 1 if shuffle_buffer is None else shuffle_buffer  # None: the whole split
+    for arg, value, minimum in (("batch_size", batch_size, 1), ("validation_size", validation_size, 0),
+                                ("pad", pad, 0), ("shuffle_buffer", buffer, 1)):
+        check_int(arg, value, minimum)
     mode = _resolve_augment(name, augment)
     info = dataset_info(name, validation_size=validation_size, data_dir=data_dir, idx_dir=idx_dir)
     idx_cache = {}
@@ -322,13 +328,9 @@ def make_datasets(name, *, batch_size, validation_size=5000, data_dir=None, idx_
     train = load("train")
     num_train = _cardinality(train, info.num_train)
     if drop_remainder and batch_size > num_train:
-        raise ValueError(f"`batch_size` ({batch_size}) exceeds the {num_train} training examples; "
-                         f"with drop_remainder there would be no batch at all")
-    train = train.shuffle(shuffle_buffer or num_train, seed=seed, reshuffle_each_iteration=True)
-    if mode != "none":
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        train = tf.data.Dataset.zip((train, seeds)).map(
-            _augmenter(mode, info.image_shape, pad), num_parallel_calls=tf.data.AUTOTUNE)
+        raise ValueError(f"batch_size: expected at most the {num_train} training examples (with "
+                         f"drop_remainder there would be no batch at all), got {batch_size}")
+    train = _shuffled_and_augmented(train, shuffle_buffer or num_train, seed, mode, info.image_shape, pad)
     train = (train.batch(batch_size, drop_remainder=drop_remainder)
              .map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
@@ -349,13 +351,13 @@ def make_eval_dataset(name, *, split="test", batch_size=256, num_examples=None, 
     rest of train, as `make_datasets` trains on it). Returns ``(ds, info)``.
     """
     _check_name(name)
-    _check_int(batch_size, "batch_size", 1)
+    check_int("batch_size", batch_size, 1)
     if split not in ("train", "validation", "test"):
-        raise ValueError(f"`split` must be 'train', 'validation' or 'test', got {split!r}")
+        raise ValueError(f"split: expected 'train', 'validation' or 'test', got {split!r}")
     if split == "validation" and validation_size == 0:
-        raise ValueError("`split='validation'` needs `validation_size` > 0")
+        raise ValueError("validation_size: expected > 0 for split='validation', got 0")
     if num_examples is not None:
-        _check_int(num_examples, "num_examples", 1)
+        check_int("num_examples", num_examples, 1)
     info = dataset_info(name, validation_size=validation_size, data_dir=data_dir, idx_dir=idx_dir)
     ds = _source(name, split, validation_size=validation_size, data_dir=data_dir, idx_dir=idx_dir,
                  download=download)

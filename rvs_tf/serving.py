@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from rvs_tf import export
 
-DEFAULT_SIGNATURE = "serving_default"
+DEFAULT_SIGNATURE = export.SERVING_SIGNATURE  # what a request without "signature_name" gets
 
 
 class PredictError(ValueError):
@@ -45,7 +45,7 @@ def _decode_b64(value):
         try:
             return base64.b64decode(value["b64"], validate=True)
         except ValueError as error:
-            raise PredictError(f"invalid base64 in {{\"b64\": ...}}: {error}") from None
+            raise PredictError(f"b64: expected base64 text, got invalid base64 ({error})") from None
     if isinstance(value, list):
         return [_decode_b64(item) for item in value]
     return value
@@ -63,7 +63,8 @@ def _as_tensor(value, spec, name):
         else:
             tensor = tf.constant(np.asarray(value, dtype=spec.dtype.as_numpy_dtype))
     except (ValueError, TypeError) as error:
-        raise PredictError(f"input {name!r}: cannot read the value as {spec.dtype.name} ({error})") from None
+        raise PredictError(f"input {name!r}: expected {spec.dtype.name} values, got ones that cannot be read "
+                           f"as such ({error})") from None
     if not spec.shape.is_compatible_with(tensor.shape):
         raise PredictError(f"input {name!r}: expected shape {spec.shape.as_list()} (None = any), "
                            f"got {tensor.shape.as_list()}")
@@ -92,27 +93,31 @@ def predict_json(signatures, body):
         try:
             body = json.loads(body)
         except json.JSONDecodeError as error:
-            raise PredictError(f"the body is not valid JSON: {error}") from None
+            raise PredictError(f"body: expected valid JSON, got {error}") from None
     if not isinstance(body, dict):
-        raise PredictError("the body must be a JSON object with 'instances' or 'inputs'")
+        raise PredictError(f"body: expected a JSON object with 'instances' or 'inputs', "
+                           f"got {type(body).__name__}")
     name = body.get("signature_name", DEFAULT_SIGNATURE)
     if name not in signatures:
-        raise PredictError(f"signature_name: {name!r} is not one of {sorted(signatures)}")
+        raise PredictError(f"signature_name: expected one of {sorted(signatures)}, got {name!r}")
     if ("instances" in body) == ("inputs" in body):
-        raise PredictError("the body must have exactly one of 'instances' (row format) or 'inputs' "
-                           "(columnar format)")
+        raise PredictError(f"body: expected exactly one of 'instances' (row format) or 'inputs' (columnar "
+                           f"format), got {sorted(k for k in ('instances', 'inputs') if k in body)}")
     signature = signatures[name]
     specs = input_specs(signature)
     row = "instances" in body
     data = body["instances"] if row else body["inputs"]
     if row:
         if not isinstance(data, list) or not data:
-            raise PredictError("'instances' must be a non-empty list, one entry per example")
+            raise PredictError("instances: expected a non-empty list, one entry per example, "
+                               f"got {type(data).__name__} {data!r:.40}")
         if len(specs) == 1 and not (isinstance(data[0], dict) and set(data[0]) == set(specs)):
             columns = {next(iter(specs)): data}
         else:
-            if not all(isinstance(item, dict) and set(item) == set(specs) for item in data):
-                raise PredictError(f"each instance must be an object with the inputs {sorted(specs)}")
+            odd = [item for item in data if not (isinstance(item, dict) and set(item) == set(specs))]
+            if odd:
+                raise PredictError(f"instances: expected objects with the inputs {sorted(specs)}, "
+                                   f"got {odd[0]!r:.80}")
             columns = {key: [item[key] for item in data] for key in specs}
     else:
         if len(specs) == 1 and not (isinstance(data, dict) and set(data) == set(specs)):
@@ -120,13 +125,15 @@ def predict_json(signatures, body):
         elif isinstance(data, dict) and set(data) == set(specs):
             columns = data
         else:
-            raise PredictError(f"'inputs' must be an object with the inputs {sorted(specs)}")
+            raise PredictError(f"inputs: expected an object with the inputs {sorted(specs)}, "
+                               f"got {data!r:.80}")
     tensors = {key: _as_tensor(value, specs[key], key) for key, value in columns.items()}
     outputs = signature(**tensors)
     if row:
         sizes = {int(t.shape[0]) for t in outputs.values() if t.shape.rank}
         if sizes != {len(data)}:
-            raise PredictError("row format needs every output batched like the instances; use 'inputs'")
+            raise PredictError("instances: expected every output batched like the instances (row format); "
+                               "use 'inputs' (columnar)")
         per_output = {key: _to_json(value, key) for key, value in outputs.items()}
         if len(per_output) == 1:
             return {"predictions": next(iter(per_output.values()))}
@@ -150,11 +157,8 @@ class RestServer:
 
     def __init__(self, model_dir, *, host="127.0.0.1", port=0, max_requests=None):
         self.name = os.path.basename(os.path.normpath(model_dir))
-        found = export.versions(model_dir)
-        if not found:
-            raise FileNotFoundError(f"model_dir: no integer versions under {model_dir!r}")
-        self.models = {v: tf.saved_model.load(os.path.join(model_dir, str(v))) for v in found}
-        self.latest = found[-1]
+        self.models = export.load_versions(model_dir)
+        self.latest = max(self.models)
         self.remaining = max_requests
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer((host, port), self._handler())
@@ -225,9 +229,7 @@ def prediction_servicer(model_dir):
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     name = os.path.basename(os.path.normpath(model_dir))
-    models = {v: tf.saved_model.load(os.path.join(model_dir, str(v))) for v in export.versions(model_dir)}
-    if not models:
-        raise FileNotFoundError(f"model_dir: no integer versions under {model_dir!r}")
+    models = export.load_versions(model_dir)
 
     class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         def Predict(self, request, context):

@@ -181,5 +181,5 @@ def test_bad_arguments_raise(tiny_cnn, kwargs, match):
     model, x, y = tiny_cnn
     with pytest.raises(ValueError, match=match):
         attacks.pgd(model, x, y, **kwargs)
-    with pytest.raises(ValueError, match="square needs images"):
+    with pytest.raises(ValueError, match=r"x: expected images \[B, H, W, C\].*for square"):
         attacks.square(model, x.reshape(24, -1), y, eps=0.1)

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from rvs_tf import export
+
 from test_data import _write_idx_dir  # tiny IDX files in the Fashion-MNIST layout
 
 BIN = os.path.dirname(sys.executable)
@@ -77,7 +79,7 @@ def test_export_layout_and_metadata(trained):
     tmp, _, resumed = trained
     version = tmp / "exports" / "tiny" / "1"
     assert (version / "saved_model.pb").is_file()
-    metadata = json.loads((version / "assets.extra" / "rvs_metadata.json").read_text())
+    metadata = export.read_metadata(str(version))
     assert metadata["dataset"] == "fashion_mnist_idx" and metadata["eps"] == pytest.approx(0.1)
     assert metadata["class_names"][0] == "T-shirt/top" and metadata["image_shape"] == [28, 28, 1]
     assert "test_clean_accuracy" in metadata["metrics"]
@@ -166,7 +168,7 @@ def test_mirrored_strategy_and_bfloat16_from_the_command_line(trained, tmp_path)
     result = run(args + [f"--workdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exports'}"])
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "exports" / "tiny" / "1" / "saved_model.pb").is_file()
-    metadata = json.loads((tmp_path / "exports" / "tiny" / "1" / "assets.extra" / "rvs_metadata.json").read_text())
+    metadata = export.read_metadata(str(tmp_path / "exports" / "tiny" / "1"))
     assert metadata["strategy"] == "mirrored" and metadata["flags"]["mixed_precision"] == "mixed_bfloat16"
 
 

@@ -11,6 +11,7 @@ from absl import flags
 from scipy import stats
 
 from rvs_tf import evaluate
+from rvs_tf import export as export_lib
 from rvs_tf.data import DEFAULT_IDX_DIR, load_idx_arrays
 from rvs_tf.evaluate import attack_spec
 
@@ -102,18 +103,15 @@ def test_natural_model_breaks_at_eps_0_3_and_passes_the_checks(natural):
 
 
 def export(model, directory, metadata):
+    """A version folder as the serving contract of rvs_tf.export describes it, written by hand."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-
-    def serve(images):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "classes": tf.argmax(logits, -1)}
-
-    archive.add_endpoint("serving_default", serve,
-                         input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")])
+    archive.add_endpoint(export_lib.SERVING_SIGNATURE, export_lib.serving_function(model), input_signature=[
+        tf.TensorSpec([None, 28, 28, 1], tf.float32, name=export_lib.IMAGES_INPUT)])
     archive.write_out(str(directory), verbose=False)
-    os.makedirs(directory / "assets.extra")
-    (directory / "assets.extra" / "rvs_metadata.json").write_text(json.dumps(metadata))
+    path = directory / export_lib.VERSION_METADATA_FILE
+    os.makedirs(path.parent)
+    path.write_text(json.dumps(metadata))
 
 
 def test_savedmodel_and_cli(natural, tmp_path, capsys):
@@ -158,7 +156,7 @@ def test_cli_validators_name_the_flag(tmp_path, argv, flag):
             cli.FLAGS(["rvs-evaluate", f"--model={tmp_path / 'm.keras'}", *argv])
     finally:
         cli.FLAGS.unparse_flags()
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(ValueError, match="model: expected a SavedModel directory"):
         evaluate.resolve_model_path(tmp_path / "missing")
 
 
@@ -201,3 +199,29 @@ def test_mixed_precision_models_are_attacked_through_a_float32_copy(tmp_path):
         distribute.set_mixed_precision("float32")
     copy, _, name = evaluate.load_model(trainer)
     assert "float32 copy" in name and copy.dtype_policy.compute_dtype == "float32"
+
+
+def test_a_new_attack_kind_runs_without_changes_elsewhere():
+    """Runner, sweep and checks read the kind's properties, never its name."""
+    def corner(model, x, y, *, eps, seed, tries):  # a random vertex of the eps-ball (tries: 1 only)
+        sign = tf.sign(tf.random.stateless_uniform(tf.shape(x), seed) - 0.5)
+        return tf.clip_by_value(x + tf.cast(eps, tf.float32) * sign, 0.0, 1.0)
+
+    kind = evaluate.AttackKind("corner", corner, lambda p: [f"{p['tries']} try"], white_box=False)
+    spec = attack_spec("Corner", kind, tries=1)
+    assert evaluate.AttackSpec("Corner", kind, (("tries", 1),), white_box=False) == spec
+    model = Quantised(np.random.default_rng(1).normal(size=(64, 10)))
+    x = np.random.default_rng(2).uniform(0.2, 0.8, size=(16, 8, 8, 1)).astype(np.float32)
+    y = np.argmax(model(x), -1)
+    report = evaluate.robustness_report(model, (x, y), eps=0.05, attacks=[spec, evaluate.ATTACKS["fgsm"]],
+                                        sweep_examples=8, sweep_eps=[0.05], progress=False)
+    assert [r["name"] for r in report["attacks"]] == ["FGSM", "Corner"]  # white-box first
+    row = report["attacks"][1]
+    assert row["function"] == "corner" and row["white_box"] is False and row["params"] == {"tries": 1}
+    assert row["description"] == "Corner (1 try, eps=0.05, L-inf)"
+    assert report["eps_sweep"]["attacks"]["Corner"] == "Corner (1 try, L-inf)"
+    assert not report["worst_case"]["is_upper_bound_only"]
+    checks = {c["name"]: c["passed"] for c in report["sanity_checks"]}
+    assert checks["white_box_at_least_as_strong_as_gradient_free"] is not None
+    with pytest.raises(ValueError, match="fn: expected an attack of rvs_tf.attacks"):
+        attack_spec("CW", "cw")

@@ -26,11 +26,13 @@ def test_signature_versions_and_metadata(tmp_path):
     assert sorted(os.listdir(os.path.join(root, "demo"))) == ["1", "2"]  # no temporary folders left
 
     loaded = tf.saved_model.load(first)
-    signature = loaded.signatures["serving_default"]
+    signature = loaded.signatures[export.SERVING_SIGNATURE]
     _, inputs = signature.structured_input_signature
-    assert list(inputs) == ["images"]
+    assert list(inputs) == [export.IMAGES_INPUT] == ["images"]
     assert inputs["images"].dtype == tf.float32 and inputs["images"].shape.as_list() == [None, 6, 6, 1]
-    assert set(signature.structured_outputs) == {"logits", "probabilities", "classes"}
+    assert set(signature.structured_outputs) == set(export.OUTPUTS) == {"logits", "probabilities", "classes"}
+    assert export.image_signature(loaded, first) == (signature, "images")
+    assert (export.BYTES_SIGNATURE, export.BYTES_INPUT) == ("serving_bytes", "image_bytes")  # what clients send
 
     x = np.random.default_rng(0).uniform(size=(5, 6, 6, 1)).astype("float32")
     out = signature(images=tf.constant(x))
@@ -42,7 +44,7 @@ def test_signature_versions_and_metadata(tmp_path):
     # No training state: the generator, optimizers and RVS wrapper are not part of the export.
     assert not any("optimizer" in v.name for v in loaded.variables)
 
-    assert evaluate.resolve_model_path(os.path.join(root, "demo")) == (second, 2)  # newest, as TF Serving
+    assert export.resolve_model_path(os.path.join(root, "demo")) == (second, 2)  # newest, as TF Serving
     logits, metadata, _ = evaluate.load_model(os.path.join(root, "demo"))
     np.testing.assert_allclose(logits(x).numpy(), expected, atol=1e-5)
     assert metadata == {}  # version 2 was exported without metadata
@@ -92,5 +94,17 @@ def test_bad_names_are_refused(tmp_path, name):
 def test_metadata_is_json(tmp_path):
     path = export.export_classifier(classifier(), str(tmp_path), "demo",
                                     metadata={"metrics": {"acc": np.float32(0.5).item()}})
-    with open(os.path.join(path, export.METADATA_FILE)) as handle:
+    with open(os.path.join(path, export.VERSION_METADATA_FILE)) as handle:
         assert json.load(handle)["metrics"]["acc"] == 0.5
+
+
+def test_version_readers_name_what_they_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_dir: expected integer versions"):
+        export.load_versions(str(tmp_path))
+    export.export_classifier(classifier(), str(tmp_path), "demo", version=2)
+    assert list(export.load_versions(str(tmp_path / "demo"))) == [2]
+    assert export.resolve_model_path(tmp_path / "demo" / "2") == (str(tmp_path / "demo" / "2"), 2)
+    with pytest.raises(ValueError, match="model: expected a .keras file"):
+        export.resolve_model_path(tmp_path / "missing.keras")
+    with pytest.raises(ValueError, match="model: expected a SavedModel directory"):
+        export.resolve_model_path(tmp_path)

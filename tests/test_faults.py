@@ -187,7 +187,7 @@ def test_float_serving_signature_and_robustness_report_refuse_0_255_images(tmp_p
                                atol=1e-5)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"images: expected floats in \[0, 1\].*255"):
         signature(images=tf.constant(x * 255))
-    with pytest.raises(ValueError, match=r"images must be floats in \[0, 1\], got dtype uint8"):
+    with pytest.raises(ValueError, match=r"images as floats in \[0, 1\], got dtype uint8"):
         evaluate.robustness_report(classifier, ((x * 255).astype("uint8"), y), eps=0.1, attacks="pgd20",
                                    sweep_examples=0, progress=False)
 

@@ -55,7 +55,7 @@ def test_bytes_signature_decodes_and_resizes_in_the_graph(exported):
     loaded = tf.saved_model.load(model_dir + "/2")
     signature = loaded.signatures[export.BYTES_SIGNATURE]
     assert dict(serving.input_specs(signature)) == {
-        "image_bytes": tf.TensorSpec([None], tf.string, name="image_bytes")}
+        export.BYTES_INPUT: tf.TensorSpec([None], tf.string, name=export.BYTES_INPUT)}
     model = models[2]
 
     exact = images(3)  # PNG is lossless: the same pixels as the float path, to float precision
@@ -121,14 +121,16 @@ def test_rest_mapping_row_and_columnar(tmp_path):
     assert serving.predict_json(signatures, {"signature_name": "double", "instances": [{"x": [0, 1]}]}) == {
         "predictions": [[0.0, 2.0]]}
 
-    for body, message in [({"instances": [], "inputs": {}}, "exactly one"),
-                          ({"signature_name": "nope", "inputs": [[1, 2]]}, "signature_name"),
+    for body, message in [({"instances": [], "inputs": {}}, "body: expected exactly one"),
+                          ({"signature_name": "nope", "inputs": [[1, 2]]}, "signature_name: expected one of"),
                           ({"signature_name": "double", "instances": [[1, 2, 3]]},
                            "input 'x': expected shape"),
-                          ({"instances": [{"x": [1, 2]}]}, "inputs \\['tag', 'x'\\]"),
-                          ({"signature_name": "double", "inputs": [["a", 1]]}, "cannot read"),
-                          ({"inputs": {"x": [[1, 2]], "tag": [{"b64": "%%%"}]}}, "invalid base64"),
-                          ("{", "not valid JSON")]:
+                          ({"instances": [{"x": [1, 2]}]},
+                           "instances: expected objects with the inputs \\['tag', 'x'\\]"),
+                          ({"signature_name": "double", "inputs": [["a", 1]]},
+                           "input 'x': expected float32 values"),
+                          ({"inputs": {"x": [[1, 2]], "tag": [{"b64": "%%%"}]}}, "b64: expected base64 text"),
+                          ("{", "body: expected valid JSON")]:
         with pytest.raises(serving.PredictError, match=message):
             serving.predict_json(signatures, body)
 
@@ -142,7 +144,7 @@ def test_rest_mapping_of_an_exported_classifier(exported):
     assert [sorted(p) for p in answer["predictions"]] == [["classes", "logits", "probabilities"]] * 2
     np.testing.assert_allclose([p["logits"] for p in answer["predictions"]], logits, atol=1e-5)
     assert [p["classes"] for p in answer["predictions"]] == logits.argmax(-1).tolist()
-    answer = serving.predict_json(signatures, {"signature_name": "serving_bytes",
+    answer = serving.predict_json(signatures, {"signature_name": export.BYTES_SIGNATURE,
                                                "inputs": {"image_bytes": [b64(encode(p)) for p in pixels]}})
     np.testing.assert_allclose(answer["outputs"]["logits"], logits, atol=1e-5)
 
@@ -162,7 +164,7 @@ def test_rest_endpoint_on_localhost_serves_versions_and_stops_by_itself(exported
     pixels = images(2, seed=3)
     server = serving.RestServer(model_dir, max_requests=4)
     try:
-        status, answer = post(server.url + ":predict", {"signature_name": "serving_bytes",
+        status, answer = post(server.url + ":predict", {"signature_name": export.BYTES_SIGNATURE,
                                                         "instances": [b64(encode(p)) for p in pixels]})
         assert status == 200
         np.testing.assert_allclose([p["logits"] for p in answer["predictions"]],
@@ -195,8 +197,8 @@ def test_grpc_prediction_service_on_localhost(exported):
             pixels = images(3, seed=4)
             request = predict_pb2.PredictRequest()
             request.model_spec.name = "demo"
-            request.model_spec.signature_name = "serving_bytes"
-            request.inputs["image_bytes"].CopyFrom(
+            request.model_spec.signature_name = export.BYTES_SIGNATURE
+            request.inputs[export.BYTES_INPUT].CopyFrom(
                 tf.make_tensor_proto([encode(p) for p in pixels], dtype=tf.string))
             response = stub.Predict(request, timeout=30)
             assert response.model_spec.version.value == 2

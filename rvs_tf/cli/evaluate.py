@@ -54,29 +54,29 @@ def _attacks_ok(value):
     return True
 
 
-flags.register_validator("model", _model_ok, "--model must be a SavedModel directory, a folder of integer "
+flags.register_validator("model", _model_ok, "--model: expected a SavedModel directory, a folder of integer "
                          "versions of one (saved_models/<name>), or a .keras file")
-flags.register_validator("eps", lambda v: v is None or 0.0 <= v <= 1.0, "--eps must be in [0, 1]")
-flags.register_validator("num_examples", lambda v: v >= 1, "--num_examples must be >= 1")
-flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
-flags.register_validator("seed", lambda v: v >= 0, "--seed must be >= 0")
-flags.register_validator("sweep_examples", lambda v: v >= 0, "--sweep_examples must be >= 0")
-flags.register_validator("attacks", _attacks_ok, f"--attacks must be one of {sorted(evaluate.PRESETS)} or a "
+flags.register_validator("eps", lambda v: v is None or 0.0 <= v <= 1.0, "--eps: expected a number in [0, 1]")
+flags.register_validator("num_examples", lambda v: v >= 1, "--num_examples: expected an integer >= 1")
+flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size: expected an integer >= 1")
+flags.register_validator("seed", lambda v: v >= 0, "--seed: expected an integer >= 0")
+flags.register_validator("sweep_examples", lambda v: v >= 0, "--sweep_examples: expected an integer >= 0")
+flags.register_validator("attacks", _attacks_ok, f"--attacks: expected one of {sorted(evaluate.PRESETS)} or a "
                          f"comma-separated list of {sorted(evaluate.ATTACKS)}")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise app.UsageError(f"arguments: expected flags only, got {argv[1:]}")
     if not FLAGS["verbosity"].present:  # each attack setting traces once; TF's retracing notes are noise
         logging.set_verbosity(logging.ERROR)
     _, metadata, _ = evaluate.load_model(FLAGS.model)
     dataset = FLAGS.dataset or metadata.get("dataset")
     eps = FLAGS.eps if FLAGS.eps is not None else metadata.get("eps")
     if dataset is None:
-        raise app.UsageError("--dataset is needed: the model has no metadata naming its dataset")
+        raise app.UsageError("--dataset: expected a dataset name, got none (the model's metadata names none)")
     if eps is None:
-        raise app.UsageError("--eps is needed: the model has no metadata giving its eps")
+        raise app.UsageError("--eps: expected a radius, got none (the model's metadata gives none)")
     from rvs_tf.data import make_eval_dataset
 
     ds, _ = make_eval_dataset(dataset, split="test", batch_size=FLAGS.batch_size,

@@ -31,7 +31,7 @@ def load_source(path):
     import keras
 
     import rvs_tf  # noqa: F401  (registers rvs_tf's Keras classes for load_model)
-    from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE
+    from rvs_tf.checkpoints import CLASSIFIER_FILE, WORKDIR_METADATA_FILE
 
     if os.path.isdir(path):
         classifier_path = os.path.join(path, CLASSIFIER_FILE)
@@ -39,8 +39,8 @@ def load_source(path):
             raise FileNotFoundError(f"--model: {path!r} has no {CLASSIFIER_FILE}; has its training "
                                     "run finished?")
         metadata = {}
-        if os.path.isfile(os.path.join(path, METADATA_FILE)):
-            with open(os.path.join(path, METADATA_FILE), encoding="utf-8") as handle:
+        if os.path.isfile(os.path.join(path, WORKDIR_METADATA_FILE)):
+            with open(os.path.join(path, WORKDIR_METADATA_FILE), encoding="utf-8") as handle:
                 metadata = json.load(handle)
         return keras.models.load_model(classifier_path), metadata, os.path.basename(os.path.normpath(path))
     if path.endswith(".keras") and os.path.isfile(path):

@@ -464,7 +464,7 @@ def _read_export_record(path):
 def save_classifier(classifier, workdir, metadata):
     """The best classifier as a .keras file and its metadata, beside the checkpoints (what rvs-export
     reads), each written to a temporary name first."""
-    from rvs_tf.checkpoints import CLASSIFIER_FILE, METADATA_FILE, write_error, write_json_atomic
+    from rvs_tf.checkpoints import CLASSIFIER_FILE, WORKDIR_METADATA_FILE, write_error, write_json_atomic
 
     temporary = os.path.join(workdir, ".tmp-" + CLASSIFIER_FILE)
     path = os.path.join(workdir, CLASSIFIER_FILE)
@@ -475,7 +475,7 @@ def save_classifier(classifier, workdir, metadata):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise write_error(path, error, kept="its previous version is kept") from error
-    write_json_atomic(os.path.join(workdir, METADATA_FILE), metadata)
+    write_json_atomic(os.path.join(workdir, WORKDIR_METADATA_FILE), metadata)
 
 
 def _accuracy(classifier, dataset):

@@ -22,7 +22,15 @@ import tensorflow as tf
 from rvs_tf import guards
 from rvs_tf.checkpoints import write_error
 
-METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
+# The serving contract: what an exported version offers and what evaluation, serving and tests read.
+SERVING_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "serving_bytes"
+IMAGES_INPUT = "images"
+BYTES_INPUT = "image_bytes"
+LOGITS_OUTPUT = "logits"
+OUTPUTS = (LOGITS_OUTPUT, "probabilities", "classes")  # of both signatures (see serving_function)
+# Run metadata inside a version folder (not the training workdir's metadata, see rvs_tf.checkpoints).
+VERSION_METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -59,9 +67,6 @@ def serving_function(classifier, check_range=False):
                 "classes": tf.argmax(logits, axis=-1)}
 
     return serve
-
-
-BYTES_SIGNATURE = "serving_bytes"
 
 
 def decode_images(image_bytes, image_shape):
@@ -122,14 +127,14 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         archive = keras.export.ExportArchive()
         archive.track(classifier)
         archive.add_endpoint(
-            "serving_default", serving_function(classifier, check_range=True),
-            input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name="images")])
+            SERVING_SIGNATURE, serving_function(classifier, check_range=True),
+            input_signature=[tf.TensorSpec([None, *image_shape], tf.float32, name=IMAGES_INPUT)])
         archive.add_endpoint(
             BYTES_SIGNATURE, bytes_serving_function(classifier),
-            input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+            input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
         archive.write_out(staging, verbose=False)
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
-        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:
+        with open(os.path.join(staging, VERSION_METADATA_FILE), "w", encoding="utf-8") as handle:
             json.dump(metadata or {}, handle, indent=2, sort_keys=True, default=str)
         os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
     except (OSError, tf.errors.OpError) as error:  # a full disk, a read-only folder
@@ -142,14 +147,52 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
 
 
 def read_metadata(version_dir):
-    path = os.path.join(version_dir, METADATA_FILE)
+    """The run metadata of an exported version ({} if it has none)."""
+    path = os.path.join(version_dir, VERSION_METADATA_FILE)
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
-if __name__ == "__main__":
-    from rvs_tf.cli import export as _cli
+def resolve_model_path(path):
+    """`saved_models/<name>/<version>`, `saved_models/<name>` (highest integer version, as TF Serving does)
+    or a `.keras` file -> (path, version or None)."""
+    path = os.fspath(path)
+    if path.endswith(".keras"):
+        if not os.path.isfile(path):
+            raise ValueError(f"model: expected a .keras file, got no file at {path!r}")
+        return path, None
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        base = os.path.basename(os.path.normpath(path))
+        return path, int(base) if base.isdigit() else None
+    found = [v for v in versions(path) if os.path.isfile(os.path.join(path, str(v), "saved_model.pb"))]
+    if not found:
+        raise ValueError(f"model: expected a SavedModel directory, a folder of integer versions of one, or a "
+                         f".keras file, found none at {path!r}")
+    return os.path.join(path, str(max(found))), max(found)
 
-    _cli.run()
+
+def load_versions(model_dir):
+    """{version: loaded SavedModel} for every integer version under `model_dir`, as TF Serving loads them."""
+    found = versions(model_dir)
+    if not found:
+        raise FileNotFoundError(f"model_dir: expected integer versions under {model_dir!r}, got none")
+    return {v: tf.saved_model.load(os.path.join(model_dir, str(v))) for v in found}
+
+
+def image_signature(loaded, where):
+    """The checked `serving_default` of a loaded SavedModel: (signature, name of its one image input);
+    it must return `logits`. `where` names the model in errors."""
+    if SERVING_SIGNATURE not in loaded.signatures:
+        raise ValueError(f"model: expected a {SERVING_SIGNATURE!r} signature in the SavedModel at {where!r}, "
+                         f"got {sorted(loaded.signatures)}")
+    signature = loaded.signatures[SERVING_SIGNATURE]
+    inputs = list(signature.structured_input_signature[1])
+    if len(inputs) != 1:
+        raise ValueError(f"model: expected {SERVING_SIGNATURE} to take one image input, got {inputs}")
+    outputs = signature.structured_outputs
+    if LOGITS_OUTPUT not in outputs:
+        raise ValueError(f"model: expected {SERVING_SIGNATURE} to return {LOGITS_OUTPUT!r}, "
+                         f"got {sorted(outputs)}")
+    return signature, inputs[0]

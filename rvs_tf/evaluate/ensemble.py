@@ -1,0 +1,89 @@
+"""The attack ensemble at one radius (per-example worst case, AutoAttack's cascade) and the eps sweep."""
+import dataclasses
+import time
+
+import numpy as np
+
+from rvs_tf.evaluate.statistics import rate
+
+
+@dataclasses.dataclass
+class Ensemble:
+    """What the ensemble found, per example: clean-correct, robust to every attack, broken by each attack
+    (False where it did not attack), and the adversarial image shown in the figure and who made it."""
+    rows: list
+    correct: np.ndarray
+    robust: np.ndarray
+    broken: dict
+    x_show: np.ndarray
+    shown_by: list
+
+
+def run_ensemble(runner, specs, x, y, eps, cascade):
+    """Every attack in order; with `cascade`, non-stand-alone attacks only attack what survived so far."""
+    n = len(y)
+    correct = runner.labels(x) == y
+    found = Ensemble([], correct, correct.copy(), {}, x.copy(), [None] * n)
+    for spec in specs:
+        alone = spec.standalone or not cascade
+        idx = np.flatnonzero(correct if alone else found.robust)
+        t0 = time.perf_counter()
+        x_adv, wrong = runner.attack(spec, x[idx], y[idx], eps, f"{spec.describe(eps)}: {len(idx)} images")
+        seconds = time.perf_counter() - t0
+        hit = np.zeros(n, bool)
+        hit[idx] = wrong
+        found.broken[spec.name] = hit
+        newly = hit & found.robust
+        for j, i in enumerate(idx):
+            if (wrong[j] and found.robust[i]) or found.shown_by[i] is None:
+                found.x_show[i], found.shown_by[i] = x_adv[j], spec.name
+        found.robust &= ~hit
+        accuracy = rate(int(np.sum(correct & ~hit)) if alone else int(found.robust.sum()), n)
+        found.rows.append(_row(spec, eps, alone, accuracy, len(idx), int(newly.sum()), seconds))
+    return found
+
+
+def _row(spec, eps, alone, accuracy, attacked, newly_broken, seconds):
+    """The report's row of one attack."""
+    return {"name": spec.name, "description": spec.describe(eps), "function": spec.fn,
+            "params": dict(spec.params), "white_box": spec.white_box,
+            "evaluated_on": ("every correctly classified example" if alone else
+                             "the examples no attack above broke"),
+            "accuracy_kind": "stand-alone" if alone else "cumulative (this attack and all above)",
+            **accuracy,
+            "examples_attacked": int(attacked), "newly_broken": newly_broken,
+            "seconds": seconds, "images_per_second": attacked / seconds if seconds > 0 else None}
+
+
+def sweep_radii(eps, sweep_eps, large_eps):
+    """The radii of the sweep: `sweep_eps`, or by default eps/2, eps, 2*eps and `large_eps` (where every
+    model must fail), or eps/4, eps/2, eps when eps is that large already."""
+    if sweep_eps is None:
+        sweep_eps = [eps / 2, eps, 2 * eps, large_eps] if eps < large_eps else [eps / 4, eps / 2, eps]
+    sweep_eps = sorted({float(e) for e in sweep_eps if e > 0})
+    if any(e > 1.0 for e in sweep_eps):
+        raise ValueError(f"sweep_eps: expected radii in (0, 1], got {sweep_eps}")
+    return sweep_eps
+
+
+def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples):
+    """Each attack on its own at each radius on the first `sweep_examples` examples."""
+    start = time.perf_counter()
+    m = min(sweep_examples, len(y))
+    xs, ys, ok = x[:m], y[:m], correct[:m]
+    idx = np.flatnonzero(ok)
+    curves, worst = {s.name: [float(ok.mean())] for s in specs}, [float(ok.mean())]
+    for e in sweep_eps:
+        robust_all = ok.copy()
+        for spec in specs:
+            title = f"sweep eps={e:.4g}: {spec.name}, {len(idx)} images"
+            _, wrong = runner.attack(spec, xs[idx], ys[idx], e, title)
+            hit = np.zeros(m, bool)
+            hit[idx] = wrong
+            curves[spec.name].append(float(np.mean(ok & ~hit)))
+            robust_all &= ~hit
+        worst.append(float(robust_all.mean()))
+    return {"eps": [0.0, *sweep_eps], "num_examples": m, "accuracy": curves, "worst_case": worst,
+            "attacks": {s.name: s.settings() for s in specs},
+            "seconds": time.perf_counter() - start,
+            "note": "each attack on its own (no cascade); eps 0 is clean accuracy"}

@@ -1,0 +1,94 @@
+"""`robustness_report`: validate, load, ensemble, sweep, checks, render."""
+import numbers
+import time
+
+from rvs_tf.arguments import check_int
+from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib
+from rvs_tf.evaluate.models import load_model
+from rvs_tf.evaluate.runner import Runner, materialise
+from rvs_tf.evaluate.statistics import rate
+
+METHOD = (
+    "FGSM and PGD attack every correctly classified example (stand-alone "
+    "accuracy). With `cascade=True` (default, as AutoAttack) every other attack only attacks the examples no "
+    "earlier attack broke, so its row gives the accuracy after it and every attack above it; gradient-free "
+    "attacks run last, so what they break is exactly what every white-box attack missed. Broken examples are "
+    "re-checked by running the model on the returned images, and every adversarial image is checked to "
+    "lie in the eps-ball and [0, 1]. The eps sweep (figure and sanity checks) runs every attack on its own "
+    "on the first "
+    "`sweep_examples` examples, with the budgets listed under eps_sweep.attacks (for the standard "
+    "ensemble: the quick budgets, to keep the run short).")
+
+
+def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=None, batch_size=250,
+                      cascade=True, sweep_eps=None, sweep_examples=100, sweep_attacks=None, output_dir=None,
+                      seed=0, progress=True, class_names=None, dataset_name=None, tolerance=0.01):
+    """Attack `model` on `dataset` at L-inf radius `eps`; return the report as a JSON-ready dict.
+
+    model: Keras model returning logits, a callable returning logits (or a dict with "logits"), or the
+    path of a SavedModel with a `serving_default` signature, a folder of integer versions, a .keras file.
+    dataset: tf.data.Dataset of (images in [0, 1], integer labels), batched or not, or an (x, y) pair; the
+    first `num_examples` are held in memory. attacks: see the module docstring. sweep_eps: radii of the
+    accuracy-against-eps curve (default eps/2, eps, 2*eps and LARGE_EPS); sweep_examples=0 skips it;
+    sweep_attacks: the attacks of the sweep (default: the "quick" budgets for "standard", else `attacks`).
+    output_dir: where report.json, report.md, accuracy_vs_eps.png and examples.png go (None: no files).
+    dataset_name: recorded in the report (default: the model's metadata).
+    tolerance: slack, as a fraction of examples, allowed by the sanity checks (at least one example).
+    """
+    _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance)
+    preset = attacks if isinstance(attacks, str) else "custom"
+    specs = specs_lib.resolve_attacks(attacks)
+    eps = float(eps)
+    sweep_eps = ensemble.sweep_radii(eps, sweep_eps, checks.LARGE_EPS)
+
+    start = time.perf_counter()
+    logits_fn, metadata, model_name = load_model(model)
+    x, y = materialise(dataset, num_examples)
+    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress)
+    class_names = _class_names(class_names, metadata, runner.num_classes(x), y)
+    found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade)
+    sweep_specs = specs_lib.resolve_attacks(
+        sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
+    sweep = (ensemble.sweep(runner, sweep_specs, x, y, found.correct, sweep_eps, sweep_examples)
+             if sweep_examples else None)
+    seconds, n = time.perf_counter() - start, len(y)
+    report = {
+        "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
+        "eps": eps, "norm": "Linf",
+        "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
+        "clean": rate(int(found.correct.sum()), n),
+        "attacks": found.rows,
+        "worst_case": {**rate(int(found.robust.sum()), n), "over": [s.name for s in specs],
+                       "description": "per-example worst case: an example counts as robust only if it is "
+                                      "classified correctly and no attack listed broke it",
+                       "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)},
+        "eps_sweep": sweep,
+        "method": METHOD,
+        "timing": {"seconds": seconds, "images_per_second": n / seconds},
+    }
+    report["sanity_checks"] = checks.sanity_checks(
+        checks.Evidence(report, specs, sweep_specs, found.broken, found.correct, tolerance))
+    if output_dir is not None:
+        render.write_outputs(report, output_dir, x, y, found, runner)
+    return report
+
+
+def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance):
+    """Refuse bad arguments before loading anything."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps: expected a number in [0, 1] (L-inf radius for images in [0, 1]), got {eps!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("sweep_examples", sweep_examples, 0)
+    check_int("seed", seed, 0)
+    if num_examples is not None:
+        check_int("num_examples", num_examples, 1)
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance: expected a number in [0, 1), got {tolerance!r}")
+
+
+def _class_names(class_names, metadata, num_classes, y):
+    """The given names, the model's metadata's, or "0".."K-1"; labels must index them."""
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"dataset: expected labels in [0, {num_classes}) for this model, "
+                         f"got [{y.min()}, {y.max()}]")
+    return list(class_names or metadata.get("class_names") or [str(i) for i in range(num_classes)])

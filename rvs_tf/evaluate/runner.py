@@ -1,0 +1,102 @@
+"""Running attacks: the evaluation set held in memory, each attack compiled once and run in batches, and
+every result re-checked independently of the attack's own bookkeeping."""
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rvs_tf import attacks as attacks_lib
+
+
+def materialise(dataset, num_examples):
+    """(images, labels) numpy arrays from a tf.data.Dataset of batches or examples, or a pair of arrays."""
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+        x, y = np.asarray(dataset[0]), np.asarray(dataset[1])
+    elif isinstance(dataset, tf.data.Dataset):
+        x, y = _take(dataset, num_examples)
+    else:
+        raise ValueError(f"dataset: expected a tf.data.Dataset of (images, labels) or a pair of arrays, "
+                         f"got {type(dataset).__name__}")
+    if num_examples is not None:
+        x, y = x[:num_examples], y[:num_examples]
+    if x.ndim != 4 or y.shape != (len(x),):
+        raise ValueError(f"dataset: expected images [N, H, W, C] and labels [N], got {x.shape} and {y.shape}")
+    if not np.issubdtype(x.dtype, np.floating) or x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError(f"dataset: expected images as floats in [0, 1], got dtype {x.dtype} in "
+                         f"[{x.min()}, {x.max()}]")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"dataset: expected labels as integer class indices, got dtype {y.dtype}")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _take(dataset, num_examples):
+    """The first `num_examples` (all if None) of a dataset of (image, label) examples or batches."""
+    xs, ys, count = [], [], 0
+    for element in dataset:
+        if not isinstance(element, (tuple, list)) or len(element) != 2:
+            raise ValueError("dataset: expected (images, labels) pairs, got another structure")
+        bx, by = np.asarray(element[0]), np.asarray(element[1])
+        if by.ndim == 0:
+            bx, by = bx[None], by[None]
+        xs.append(bx)
+        ys.append(by)
+        count += len(by)
+        if num_examples is not None and count >= num_examples:
+            break
+    if not xs:
+        raise ValueError("dataset: expected examples, got an empty dataset")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+class Runner:
+    """Compiles each attack once (eps and seed are tensors, so the sweep does not retrace), runs it in
+    batches, re-checks every result independently of the attack's own bookkeeping."""
+
+    def __init__(self, model, image_shape, batch_size, seed, progress):
+        self.model, self.batch_size, self.seed, self.progress = model, batch_size, seed, progress
+        self._x_spec = tf.TensorSpec([None, *image_shape], tf.float32)
+        self.predict = tf.function(lambda x: tf.argmax(attacks_lib.model_logits(model, x), -1),
+                                   input_signature=[self._x_spec])
+        self._compiled = {}
+        self._calls = 0
+
+    def num_classes(self, x):
+        return int(attacks_lib.model_logits(self.model, tf.constant(x[:1])).shape[-1])
+
+    def _attack_fn(self, spec):
+        if spec not in self._compiled:
+            def run(x, y, eps, seed):
+                return spec.run(self.model, x, y, eps, seed)
+
+            self._compiled[spec] = tf.function(run, input_signature=[
+                self._x_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32),
+                tf.TensorSpec([2], tf.int64)])
+        return self._compiled[spec]
+
+    def labels(self, x):
+        if not len(x):
+            return np.zeros(0, np.int64)
+        return np.concatenate([self.predict(x[i:i + self.batch_size]).numpy()
+                               for i in range(0, len(x), self.batch_size)])
+
+    def attack(self, spec, x, y, eps, title):
+        """Adversarial images for (x, y) and whether each one is misclassified."""
+        self._calls += 1
+        run, n = self._attack_fn(spec), len(x)
+        x_adv = np.empty_like(x)
+        bar = None
+        if self.progress and n:
+            print(title, file=sys.stderr, flush=True)
+            bar = keras.utils.Progbar(n, unit_name="image")
+        for b, i in enumerate(range(0, n, self.batch_size)):
+            seed = tf.constant([self.seed, self._calls * 100_003 + b], tf.int64)
+            out = run(x[i:i + self.batch_size], y[i:i + self.batch_size], tf.constant(eps, tf.float32), seed)
+            x_adv[i:i + self.batch_size] = out.numpy()
+            if bar is not None:
+                bar.update(min(i + self.batch_size, n))
+        excess = np.max(np.abs(x_adv - x), initial=0.0)
+        if excess > eps + 1e-5 or (n and (x_adv.min() < 0.0 or x_adv.max() > 1.0)):
+            raise RuntimeError(f"{spec.name}: expected images inside the eps-ball and [0, 1], got max "
+                               f"|delta| {excess} at eps {eps}; this is a bug in rvs_tf.attacks")
+        return x_adv, self.labels(x_adv) != y
