@@ -38,6 +38,9 @@ VARIANTS.update({
     "init_ot": INIT + ["--init_ot_weight=1"],
     "init_width64": INIT + ["--init_generator_width=64"],
     "init_pairing_ls0.4_k5": INIT[:-1] + ["--label_smoothing=0.4", "--pairing_weight=10", "--generator_every=5"],
+    # N-FGSM's lesson inside the learned start: a start within 2 eps, one step of eps, no projection.
+    "init_nfgsm": INIT + ["--init_start_ratio=2", "--noinit_project"],
+    "init_start2": INIT + ["--init_start_ratio=2"],
 })
 
 

@@ -31,6 +31,10 @@ class RVSInitModel(GeneratorGame):
         start [B, H, W, C]; `rvs_tf.models.make_init_generator` builds one.
       eps: L-inf budget; every training example stays inside the eps-ball and [0, 1].
       step_ratio: alpha, the signed step from the start, in units of eps (FGSM-SDI: 1).
+      start_ratio: the start lies within start_ratio * eps of x (default 1: inside the eps-ball).
+      project: project the final example onto the eps-ball (default). With `project=False` and
+        `start_ratio=2` the method is a learned N-FGSM: its training perturbation reaches
+        (start_ratio + step_ratio) eps by design, as N-FGSM's; evaluation stays at eps.
       generator_every: k, classifier steps per generator step (FGSM-SDI: 20). Between those steps the
         generator's weights do not move and its step costs nothing.
       pairing_weight: weight of the logit-pairing term between the start and the adversarial example
@@ -46,10 +50,11 @@ class RVSInitModel(GeneratorGame):
     """
 
     def __init__(self, classifier, generator, *, eps, step_ratio=1.0, generator_every=20, pairing_weight=0.0,
-                 ot_weight=0.0, label_smoothing=0.0, **kwargs):
+                 ot_weight=0.0, label_smoothing=0.0, start_ratio=1.0, project=True, **kwargs):
         super().__init__(classifier, generator, eps=eps, ot_weight=ot_weight, label_smoothing=label_smoothing,
                          **kwargs)
         _check(float(step_ratio) > 0, f"step_ratio: expected > 0, got {step_ratio}")
+        _check(float(start_ratio) > 0, f"start_ratio: expected > 0, got {start_ratio}")
         _check(int(generator_every) >= 1, f"generator_every: expected >= 1, got {generator_every}")
         _check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
         image_shape = tuple(classifier.input_shape[1:])
@@ -59,6 +64,8 @@ class RVSInitModel(GeneratorGame):
                f"generator: expected input [H, W, 2C + noise channels] and output [H, W, C] for images "
                f"{image_shape}, got input {in_shape} and output {out_shape} (see models.make_init_generator)")
         self.step_ratio = float(step_ratio)
+        self.start_ratio = float(start_ratio)
+        self.project = bool(project)
         self.generator_every = int(generator_every)
         self.pairing_weight = float(pairing_weight)
         self.noise_channels = int(in_shape[2] - 2 * image_shape[2])
@@ -69,6 +76,7 @@ class RVSInitModel(GeneratorGame):
 
     def get_config(self):
         return {**super().get_config(), "step_ratio": self.step_ratio, "generator_every": self.generator_every,
+                "start_ratio": self.start_ratio, "project": self.project,
                 "pairing_weight": self.pairing_weight}
 
     # -- the perturbation ------------------------------------------------------------------------------
@@ -80,16 +88,18 @@ class RVSInitModel(GeneratorGame):
         return tf.stop_gradient(tf.sign(input_gradient(self._cross_entropy_of(y), x)))
 
     def start(self, x, gradient_sign, eps, stream, training=True):
-        """x_0 = clip01(x + eps * tanh(G([x, s, z]))): inside the eps-ball by construction."""
+        """x_0 = clip01(x + start_ratio * eps * tanh(G([x, s, z]))): inside that ball by construction."""
         noise = tf.random.stateless_normal(tf.concat([tf.shape(x)[:-1], [self.noise_channels]], 0),
                                            seed=self.step_seed(stream))
         raw = tf.cast(self.generator(tf.concat([x, gradient_sign, noise], -1), training=training), tf.float32)
-        return tf.clip_by_value(x + eps * tf.tanh(raw), 0.0, 1.0)
+        return tf.clip_by_value(x + self.start_ratio * eps * tf.tanh(raw), 0.0, 1.0)
 
     def step_from(self, x, y, start, eps):
-        """One signed step of alpha from the start, projected onto the eps-ball and [0, 1]. The gradient
-        passes through the start only (the sign is piecewise constant)."""
+        """One signed step of alpha from the start, projected onto the eps-ball (if `project`) and [0, 1].
+        The gradient passes through the start only (the sign is piecewise constant)."""
         direction = tf.stop_gradient(tf.sign(input_gradient(self._cross_entropy_of(y), tf.stop_gradient(start))))
+        if not self.project:
+            return tf.clip_by_value(start + self.step_ratio * eps * direction, 0.0, 1.0)
         lo, hi = tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
         return tf.clip_by_value(start + self.step_ratio * eps * direction, lo, hi)
 

@@ -200,3 +200,14 @@ def test_two_replicas_train_with_per_replica_priors_and_a_periodic_generator(met
     if method == "fgsm_pgi":
         replicas = model.prior.value.values  # the tf.distribute variable: one copy per replica
         assert len(replicas) == 2 and not np.allclose(replicas[0].numpy(), replicas[1].numpy())
+
+
+def test_learned_nfgsm_leaves_the_ball_by_design_within_its_budget():
+    model = init_model(start_ratio=2.0, project=False)
+    x, y = batch()
+    start = model.start(x, model.gradient_sign(x, y), EPS, stream=0).numpy()
+    assert np.abs(start - x.numpy()).max() <= 2 * EPS + 1e-6
+    x_adv = model.adversarial_examples(x, y, tf.constant(EPS)).numpy()
+    distance = np.abs(x_adv - x.numpy())
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and EPS + 1e-3 < distance.max() <= 3 * EPS + 1e-6
+    assert RVSInitModel.from_config(model.get_config()).project is False

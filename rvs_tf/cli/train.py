@@ -65,6 +65,10 @@ flags.DEFINE_integer("generator_every", 20, "rvs_init: classifier steps per gene
                      lower_bound=1)
 flags.DEFINE_integer("init_generator_width", 32, "rvs_init: channels of the generator's convolutions.",
                      lower_bound=1)
+flags.DEFINE_float("init_start_ratio", 1.0, "rvs_init: the learned start lies within this many eps of x.",
+                   lower_bound=1e-9)
+flags.DEFINE_bool("init_project", True, "rvs_init: project the final example onto the eps-ball (off, with "
+                  "--init_start_ratio=2: a learned N-FGSM whose training perturbation exceeds eps by design).")
 flags.DEFINE_float("init_ot_weight", 0.0, "rvs_init: weight of RVS's feature OT term (0: off).", lower_bound=0.0)
 flags.DEFINE_float("overfit_gap", 0.3, "Warn of catastrophic overfitting when validation FGSM accuracy exceeds "
                    "PGD accuracy by more than this (a fraction).", lower_bound=0.01, upper_bound=1.0)
@@ -139,7 +143,8 @@ RUN_FLAGS = ("method", "pgd_steps", "pgd_step_size", "trades_beta", "fgsm_step_r
              "feature_distance", "freeze_generator", "optimizer", "lr", "lr_drop_epochs", "lr_drop_factor",
              "momentum", "weight_decay", "generator_optimizer", "generator_lr", "seed", "steps_per_epoch",
              "eps_warmup_epochs", "mixed_precision", "eval_pgd_steps", "single_step_ratio", "nfgsm_noise_ratio",
-             "pairing_weight", "prior_momentum", "generator_every", "init_generator_width", "init_ot_weight")
+             "pairing_weight", "prior_momentum", "generator_every", "init_generator_width", "init_ot_weight",
+             "init_start_ratio", "init_project")
 
 
 def parse_cost_scale(value):
@@ -240,6 +245,7 @@ def build_model(info, steps_per_epoch):
         model = RVSInitModel(
             classifier, generator, step_ratio=FLAGS.single_step_ratio, generator_every=FLAGS.generator_every,
             pairing_weight=pairing or 0.0, ot_weight=FLAGS.init_ot_weight, ot_on=FLAGS.ot_on,
+            start_ratio=FLAGS.init_start_ratio, project=FLAGS.init_project,
             ot_epsilon=FLAGS.ot_epsilon, ot_cost_scale=parse_cost_scale(FLAGS.ot_cost_scale),
             ot_max_iters=FLAGS.ot_max_iters, ot_gradient=FLAGS.ot_gradient, ot_debiased=FLAGS.ot_debiased,
             feature_distance=FLAGS.feature_distance, **common)
