@@ -18,7 +18,8 @@ import keras
 import tensorflow as tf
 
 from rvs_tf.baselines import input_gradient
-from rvs_tf.training import GeneratorGame, _check
+from rvs_tf.rvs import GeneratorGame
+from rvs_tf.training import _check
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
