@@ -1,0 +1,98 @@
+"""Evaluation at scale: a run killed with SIGKILL resumes from its state_dir to the uninterrupted report, a
+state of another evaluation is refused, and sharding over 2 logical CPUs or 2 worker processes gives the
+per-example results of one device."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from rvs_tf import evaluate
+from rvs_tf.evaluate import state as state_lib
+
+WORKER = os.path.join(os.path.dirname(__file__), "evaluate_worker.py")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny untrained CNN saved as .keras (the worker script labels its data with it)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="relu")(inputs))
+    path = str(tmp_path_factory.mktemp("tiny") / "m.keras")
+    keras.Model(inputs, keras.layers.Dense(10)(h)).save(path)
+    return path
+
+
+def start(model, out_dir, state_dir, strategy="default", env=None):
+    return subprocess.Popen([sys.executable, WORKER, model, str(out_dir), str(state_dir), strategy],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process, timeout=240):
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def assert_same_results(a, b):
+    """Per-example results of two state folders: examples attacked, broken, adversarial images."""
+    results_a, results_b = state_lib.load_results(a), state_lib.load_results(b)
+    assert list(results_a) == list(results_b) == ["FGSM", "PGD-50", "APGD-CE", "Square"]
+    for name in results_a:
+        for u, v in zip(results_a[name], results_b[name]):
+            np.testing.assert_array_equal(u, v, err_msg=name)
+
+
+def accuracies(report):
+    return ([(r["name"], r["correct"], r["examples_attacked"]) for r in report["attacks"]],
+            report["worst_case"]["correct"], report["clean"]["correct"], report["eps_sweep"]["accuracy"])
+
+
+def test_sigkill_then_the_same_command_ends_with_the_uninterrupted_report(tiny, tmp_path):
+    reference = finish(start(tiny, tmp_path / "ref", tmp_path / "ref_state"))["report"]
+    process = start(tiny, tmp_path / "out", tmp_path / "state")
+    index = tmp_path / "state" / "00-FGSM" / "index.json"
+    deadline = time.monotonic() + 200
+    while not index.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = state_lib.load_results(tmp_path / "state")
+    assert "FGSM" in partial and len(partial.get("Square", ((),))[0]) < 20  # killed mid-run
+    assert not (tmp_path / "out" / "report.json").exists()
+
+    resumed = finish(start(tiny, tmp_path / "out", tmp_path / "state"))["report"]
+    assert resumed["attacks"][0]["batches_resumed"] >= 1
+    assert accuracies(resumed) == accuracies(reference)
+    assert_same_results(tmp_path / "state", tmp_path / "ref_state")
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert accuracies(on_disk) == accuracies(reference)
+
+
+def test_a_state_of_another_evaluation_is_refused_unless_restarting(tmp_path):
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    x = np.random.default_rng(1).uniform(0.2, 0.8, size=(12, 4, 4, 1)).astype("float32")
+    y = np.argmax(model.predict(x, verbose=0), -1)
+    kwargs = dict(attacks="pgd20", sweep_examples=0, progress=False, batch_size=4, state_dir=str(tmp_path))
+    first = evaluate.robustness_report(model, (x, y), eps=0.05, **kwargs)
+    again = evaluate.robustness_report(model, (x, y), eps=0.05, **kwargs)  # finished: all restored
+    assert [r["batches_resumed"] for r in again["attacks"]] == [3, 3]
+    assert accuracies_no_sweep(again) == accuracies_no_sweep(first)
+    with pytest.raises(ValueError, match=r"state_dir: expected the state of this evaluation.*eps: 0\.05 in "
+                                         r"the state, 0\.1 now.*restart=True"):
+        evaluate.robustness_report(model, (x, y), eps=0.1, **kwargs)
+    with pytest.warns(UserWarning, match="state_dir: discarding"):
+        other = evaluate.robustness_report(model, (x, y), eps=0.1, restart=True, **kwargs)
+    assert [r["batches_resumed"] for r in other["attacks"]] == [0, 0]
+    assert json.loads((tmp_path / "evaluation.json").read_text())["fingerprint"]["eps"] == 0.1
+
+
+def accuracies_no_sweep(report):
+    return [(r["name"], r["correct"]) for r in report["attacks"]], report["worst_case"]["correct"]
