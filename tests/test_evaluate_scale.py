@@ -96,3 +96,56 @@ def test_a_state_of_another_evaluation_is_refused_unless_restarting(tmp_path):
 
 def accuracies_no_sweep(report):
     return [(r["name"], r["correct"]) for r in report["attacks"]], report["worst_case"]["correct"]
+
+
+def worker_data(model_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        import evaluate_worker
+    finally:
+        sys.path.pop(0)
+    return evaluate_worker, evaluate_worker.data(model_path)
+
+
+def test_mirrored_over_two_logical_cpus_gives_the_per_example_results_of_one_device(tiny, tmp_path):
+    from tests.test_distribute import mirrored  # one MirroredStrategy per process (see there)
+
+    worker, (x, y) = worker_data(tiny)
+    kwargs = dict(eps=0.02, attacks=worker.ATTACKS, batch_size=8, sweep_examples=8, sweep_eps=[0.1],
+                  progress=False, seed=3)
+    one = evaluate.robustness_report(tiny, (x, y), state_dir=str(tmp_path / "one"), **kwargs)
+    two = evaluate.robustness_report(tiny, (x, y), state_dir=str(tmp_path / "two"), strategy=mirrored(),
+                                     output_dir=str(tmp_path / "out"), **kwargs)
+    assert (one["timing"]["replicas"], two["timing"]["replicas"]) == (1, 2)
+    assert accuracies(two) == accuracies(one)
+    assert_same_results(tmp_path / "two", tmp_path / "one")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["worst_case"] == one["worst_case"]
+
+
+def test_two_worker_processes_give_the_single_process_report_and_only_the_chief_writes(tiny, tmp_path):
+    from tests.test_distribute import free_ports
+
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    # Each worker is given its own folders, so the test sees which one writes.
+    processes = [start(tiny, tmp_path / f"out-{index}", tmp_path / f"state-{index}", "multi_worker", env=dict(
+        os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers},
+                                          "task": {"type": "worker", "index": index}})))
+                 for index in range(2)]
+    try:
+        chief, other = (finish(p) for p in processes)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert (chief["chief"], other["chief"]) == (True, False)
+    assert chief["report"]["timing"]["replicas"] == 2
+    worker, (x, y) = worker_data(tiny)
+    single = evaluate.robustness_report(tiny, (x, y), eps=0.02, attacks=worker.ATTACKS, batch_size=8,
+                                        sweep_examples=8, sweep_eps=[0.1], progress=False, seed=3,
+                                        state_dir=str(tmp_path / "single"))
+    assert accuracies(chief["report"]) == accuracies(other["report"]) == accuracies(single)
+    assert_same_results(tmp_path / "state-0", tmp_path / "single")
+    assert sorted(os.listdir(tmp_path / "out-0")) == ["accuracy_vs_eps.png", "examples.png", "report.json",
+                                                      "report.md"]
+    assert accuracies(json.loads((tmp_path / "out-0" / "report.json").read_text())) == accuracies(single)
+    assert not (tmp_path / "out-1").exists() and not (tmp_path / "state-1").exists()

@@ -40,7 +40,9 @@ class Shards:
             return self.strategy.experimental_distribute_values_from_function(
                 lambda ctx: tf.convert_to_tensor(padded[ctx.replica_id_in_sync_group][part]))
 
-        out = self.strategy.run(fn, args=(per_replica(0), per_replica(1), eps, per_replica(2)))
+        # A Python function, not the tf.function itself: strategy.run would trace that with the
+        # per-replica values as arguments, which its input signature refuses.
+        out = self.strategy.run(lambda *args: fn(*args), args=(per_replica(0), per_replica(1), eps, per_replica(2)))
         gathered = self.strategy.gather(out, axis=0).numpy()
         ends = np.cumsum([len(b[1]) for b in padded])
         return np.split(gathered, ends[:-1])[:len(batches)]
