@@ -149,3 +149,39 @@ def test_two_worker_processes_give_the_single_process_report_and_only_the_chief_
                                                       "report.md"]
     assert accuracies(json.loads((tmp_path / "out-0" / "report.json").read_text())) == accuracies(single)
     assert not (tmp_path / "out-1").exists() and not (tmp_path / "state-1").exists()
+
+
+def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(tmp_path, capsys):
+    from rvs_tf.cli import evaluate as cli
+    from rvs_tf.data import DEFAULT_IDX_DIR
+
+    if not os.path.isdir(DEFAULT_IDX_DIR):
+        pytest.skip(f"offline Fashion-MNIST IDX files not in {DEFAULT_IDX_DIR}")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.AveragePooling2D(4),
+                              keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.save(tmp_path / "m.keras")
+
+    def rvs_evaluate(*argv):
+        try:
+            cli.FLAGS(["rvs-evaluate", f"--model={tmp_path / 'm.keras'}", "--dataset=fashion_mnist_idx",
+                       "--attacks=fgsm,pgd20", "--num_examples=30", "--batch_size=10", "--sweep_examples=0",
+                       "--noprogress", *argv])
+            cli.main(["rvs-evaluate"])
+        finally:
+            cli.FLAGS.unparse_flags()
+        return json.loads((tmp_path / "m_eval" / "report.json").read_text())
+
+    first = rvs_evaluate("--eps=0.05")
+    assert (tmp_path / "m_eval" / "state" / "evaluation.json").exists()
+    again = rvs_evaluate("--eps=0.05")
+    assert [r["batches_resumed"] for r in again["attacks"]] == [-(-r["examples_attacked"] // 10)
+                                                                for r in first["attacks"]]  # all of them
+    assert accuracies_no_sweep(again) == accuracies_no_sweep(first)
+    with pytest.warns(UserWarning, match="discarding .*eps: 0.05 in the state, 0.1 now"):
+        rvs_evaluate("--eps=0.1")  # the default state follows the command, as the report does
+    with pytest.raises(ValueError, match="state_dir: expected the state of this evaluation"):
+        rvs_evaluate("--eps=0.05", f"--state_dir={tmp_path / 'm_eval' / 'state'}")
+    with pytest.warns(UserWarning, match="discarding"):
+        rvs_evaluate("--eps=0.05", f"--state_dir={tmp_path / 'm_eval' / 'state'}", "--restart")
+    assert "worst case over FGSM, PGD-20" in capsys.readouterr().out

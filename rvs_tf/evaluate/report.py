@@ -41,7 +41,8 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     tolerance: slack, as a fraction of examples, allowed by the sanity checks (at least one example).
     state_dir: folder where each attack's finished batches are kept (see rvs_tf.evaluate.state): the same
     call again resumes there and ends with the same report; a state of another evaluation is refused
-    unless `restart=True`, which discards any saved state. None: nothing is kept.
+    unless `restart=True` (discard any saved state) or "mismatched" (discard only a state of another
+    evaluation). None: nothing is kept.
     strategy: a tf.distribute.Strategy or "default" / "mirrored" / "multi_worker": the attack batches are
     dealt to its replicas (same per-example results as one device); only the chief writes files.
     """

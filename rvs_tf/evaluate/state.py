@@ -53,21 +53,29 @@ def _read_json(path):
 
 class EvaluationState:
     """The state folder of one evaluation. `writable` is False on the workers that are not the chief:
-    they read the state to resume in step with the chief but never write it."""
+    they read the state to resume in step with the chief but never write it.
+
+    restart: False refuses a state of another evaluation; True discards any saved state; "mismatched"
+    discards only a state of another evaluation (what rvs-evaluate does with its default state folder,
+    whose report it overwrites anyway)."""
 
     def __init__(self, directory, print_, *, restart=False, writable=True):
-        self.directory, self.writable, self.fresh = os.fspath(directory), writable, restart
+        if restart not in (False, True, "mismatched"):
+            raise ValueError(f"restart: expected False, True or 'mismatched', got {restart!r}")
+        self.directory, self.writable = os.fspath(directory), writable
         expected = {"version": VERSION, "fingerprint": print_}
         found = _read_json(os.path.join(self.directory, INDEX))
-        if found is not None and restart:
-            warnings.warn(f"state_dir: discarding the saved progress in {self.directory} (restart=True)",
-                          stacklevel=3)
-        elif found is not None and found != expected:
+        other = found is not None and found != expected
+        self.fresh = found is not None and (restart is True or (other and restart == "mismatched"))
+        if self.fresh:
+            why = f"another evaluation's ({_mismatch(found, expected)})" if other else "restart=True"
+            warnings.warn(f"state_dir: discarding the saved progress in {self.directory}: {why}", stacklevel=3)
+        elif other:
             raise ValueError(f"state_dir: expected the state of this evaluation in {self.directory}, got "
                              f"one of another ({_mismatch(found, expected)}); pass restart=True "
                              "(rvs-evaluate --restart) to discard it, or choose another state_dir")
         if self.writable:
-            if restart and os.path.isdir(self.directory):
+            if self.fresh:
                 shutil.rmtree(self.directory)
             os.makedirs(self.directory, exist_ok=True)
             write_json_atomic(os.path.join(self.directory, INDEX), expected)
