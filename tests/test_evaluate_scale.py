@@ -122,21 +122,32 @@ def test_mirrored_over_two_logical_cpus_gives_the_per_example_results_of_one_dev
     assert json.loads((tmp_path / "out" / "report.json").read_text())["worst_case"] == one["worst_case"]
 
 
-def test_two_worker_processes_give_the_single_process_report_and_only_the_chief_writes(tiny, tmp_path):
+def two_workers(model, tmp_path):
+    """Two evaluation processes of one MultiWorkerMirroredStrategy cluster; each is given its own output
+    and state folders (out-<i>, state-<i>), so the test sees which one writes."""
     from tests.test_distribute import free_ports
 
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    # Each worker is given its own folders, so the test sees which one writes.
-    processes = [start(tiny, tmp_path / f"out-{index}", tmp_path / f"state-{index}", "multi_worker", env=dict(
+    return [start(model, tmp_path / f"out-{index}", tmp_path / f"state-{index}", "multi_worker", env=dict(
         os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": workers},
                                           "task": {"type": "worker", "index": index}})))
-                 for index in range(2)]
+            for index in range(2)]
+
+
+def communicate(processes, timeout=240):
     try:
-        chief, other = (finish(p) for p in processes)
+        return [p.communicate(timeout=timeout) for p in processes]
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
+
+
+def test_two_worker_processes_give_the_single_process_report_and_only_the_chief_writes(tiny, tmp_path):
+    processes = two_workers(tiny, tmp_path)
+    outputs = communicate(processes)
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    chief, other = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     assert (chief["chief"], other["chief"]) == (True, False)
     assert chief["report"]["timing"]["replicas"] == 2
     worker, (x, y) = worker_data(tiny)
@@ -149,6 +160,14 @@ def test_two_worker_processes_give_the_single_process_report_and_only_the_chief_
                                                       "report.md"]
     assert accuracies(json.loads((tmp_path / "out-0" / "report.json").read_text())) == accuracies(single)
     assert not (tmp_path / "out-1").exists() and not (tmp_path / "state-1").exists()
+
+    # Again: worker 1 cannot see the chief's state (as when it is not on shared storage). Both stop with
+    # an error naming the cause instead of waiting for each other forever.
+    processes = two_workers(tiny, tmp_path)
+    outputs = communicate(processes)
+    assert all(p.returncode != 0 for p in processes)
+    assert all("expected every worker to restore as many batches of FGSM, got [5, 0]" in err
+               for _, err in outputs), outputs[1][1][-3000:]
 
 
 def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(tmp_path, capsys):

@@ -42,7 +42,7 @@ flags.DEFINE_integer("sweep_examples", 100, "Examples of the accuracy-against-ep
 flags.DEFINE_bool("cascade", True, "Attack only examples no earlier attack broke (as AutoAttack).")
 flags.DEFINE_string("state_dir", None, "Where each attack's finished batches are kept, so rerunning the "
                     "same command resumes (default: <output_dir>/state, replaced when the command differs; "
-                    "'none' keeps nothing). An explicit folder holding another evaluation's state is refused.")
+                    "'none' keeps nothing). An explicit folder with another evaluation's state is refused.")
 flags.DEFINE_bool("restart", False, "Discard the saved progress in the state folder and start over.")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                   "tf.distribute strategy: one device, all local GPUs (MirroredStrategy), or the workers of "

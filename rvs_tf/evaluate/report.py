@@ -46,9 +46,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     strategy: a tf.distribute.Strategy or "default" / "mirrored" / "multi_worker": the attack batches are
     dealt to its replicas (same per-example results as one device); only the chief writes files.
     """
-    _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance)
-    if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):
-        raise ValueError(f"state_dir: expected a folder path or None, got {state_dir!r}")
+    _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
     strategy = resolve_strategy(strategy)
     preset = attacks if isinstance(attacks, str) else "custom"
     specs = specs_lib.resolve_attacks(attacks)
@@ -61,11 +59,9 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     x, y = materialise(dataset, num_examples)
     runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy)
     class_names = _class_names(class_names, metadata, runner.num_classes(x), y)
-    state = None
-    if state_dir is not None:
-        state = state_lib.EvaluationState(state_dir, state_lib.fingerprint(
-            model_name, runner.logits(x[:batch_size]), x, y, eps=eps, specs=specs, seed=seed, cascade=cascade,
-            batch_size=batch_size), restart=restart, writable=runner.shards.chief)
+    state = None if state_dir is None else state_lib.EvaluationState(state_dir, state_lib.fingerprint(
+        model_name, runner.logits(x[:batch_size]), x, y, eps=eps, specs=specs, seed=seed, cascade=cascade,
+        batch_size=batch_size), restart=restart, writable=runner.shards.chief)  # only the chief writes
     found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade, state)
     sweep_specs = specs_lib.resolve_attacks(
         sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
@@ -78,12 +74,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
         "clean": rate(int(found.correct.sum()), n),
         "attacks": found.rows,
-        "worst_case": {**rate(int(found.robust.sum()), n), "over": [s.name for s in specs],
-                       "description": "per-example worst case: an example counts as robust only if it is "
-                                      "classified correctly and no attack listed broke it",
-                       "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)},
-        "eps_sweep": sweep,
-        "method": METHOD,
+        "worst_case": _worst_case(found, specs, n), "eps_sweep": sweep, "method": METHOD,
         "timing": {"seconds": seconds, "images_per_second": n / seconds,
                    "replicas": runner.shards.replicas},
     }
@@ -94,7 +85,14 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     return report
 
 
-def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance):
+def _worst_case(found, specs, n):
+    return {**rate(int(found.robust.sum()), n), "over": [s.name for s in specs],
+            "description": "per-example worst case: an example counts as robust only if it is "
+                           "classified correctly and no attack listed broke it",
+            "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)}
+
+
+def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir):
     """Refuse bad arguments before loading anything."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"eps: expected a number in [0, 1] (L-inf radius for images in [0, 1]), got {eps!r}")
@@ -105,6 +103,8 @@ def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance):
         check_int("num_examples", num_examples, 1)
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance: expected a number in [0, 1), got {tolerance!r}")
+    if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):
+        raise ValueError(f"state_dir: expected a folder path or None, got {state_dir!r}")
 
 
 def _class_names(class_names, metadata, num_classes, y):

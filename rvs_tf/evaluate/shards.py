@@ -16,8 +16,8 @@ def resolve_strategy(strategy):
         return strategy
     if isinstance(strategy, str):
         return distribute.get_strategy(strategy)
-    raise ValueError(f"strategy: expected a tf.distribute.Strategy or one of {', '.join(distribute.STRATEGIES)}"
-                     f", got {strategy!r}")
+    raise ValueError(f"strategy: expected a tf.distribute.Strategy or one of "
+                     f"{', '.join(distribute.STRATEGIES)}, got {strategy!r}")
 
 
 class Shards:
@@ -42,7 +42,8 @@ class Shards:
 
         # A Python function, not the tf.function itself: strategy.run would trace that with the
         # per-replica values as arguments, which its input signature refuses.
-        out = self.strategy.run(lambda *args: fn(*args), args=(per_replica(0), per_replica(1), eps, per_replica(2)))
+        out = self.strategy.run(lambda *args: fn(*args),
+                                args=(per_replica(0), per_replica(1), eps, per_replica(2)))
         gathered = self.strategy.gather(out, axis=0).numpy()
         ends = np.cumsum([len(b[1]) for b in padded])
         return np.split(gathered, ends[:-1])[:len(batches)]
@@ -54,7 +55,7 @@ class Shards:
         counts = self.strategy.gather(self.strategy.experimental_distribute_values_from_function(
             lambda ctx: tf.constant([done], tf.int64)), axis=0).numpy()
         if len(set(counts.tolist())) > 1:
-            raise RuntimeError(f"state_dir: expected every worker to restore as many batches of {name}, got "
-                               f"{counts.tolist()} (one per replica); put state_dir on storage every worker "
-                               "reads, or pass restart=True")
+            raise RuntimeError(f"state_dir: expected every worker to restore as many batches of {name}, "
+                               f"got {counts.tolist()} (one per replica); put state_dir on storage every "
+                               "worker reads, or pass restart=True")
         return done

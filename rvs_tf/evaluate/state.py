@@ -69,7 +69,8 @@ class EvaluationState:
         self.fresh = found is not None and (restart is True or (other and restart == "mismatched"))
         if self.fresh:
             why = f"another evaluation's ({_mismatch(found, expected)})" if other else "restart=True"
-            warnings.warn(f"state_dir: discarding the saved progress in {self.directory}: {why}", stacklevel=3)
+            warnings.warn(f"state_dir: discarding the saved progress in {self.directory}: {why}",
+                          stacklevel=3)
         elif other:
             raise ValueError(f"state_dir: expected the state of this evaluation in {self.directory}, got "
                              f"one of another ({_mismatch(found, expected)}); pass restart=True "
@@ -160,6 +161,7 @@ def load_results(directory):
                 batches.append({k: batch[k] for k in batch.files})
         done = min(index["batches_done"] * index["batch_size"], len(index["examples"]))
         out[index["attack"]] = (np.asarray(index["examples"][:done], np.int64),
-                                np.concatenate([b["broken"] for b in batches]) if batches else np.zeros(0, bool),
+                                np.concatenate([b["broken"] for b in batches]) if batches
+                                else np.zeros(0, bool),
                                 np.concatenate([b["x_adv"] for b in batches]) if batches else None)
     return out
