@@ -108,7 +108,7 @@ def worker_data(model_path):
 
 
 def test_mirrored_over_two_logical_cpus_gives_the_per_example_results_of_one_device(tiny, tmp_path):
-    from tests.test_distribute import mirrored  # one MirroredStrategy per process (see there)
+    from test_distribute import mirrored  # pytest's module: one MirroredStrategy per process (see there)
 
     worker, (x, y) = worker_data(tiny)
     kwargs = dict(eps=0.02, attacks=worker.ATTACKS, batch_size=8, sweep_examples=8, sweep_eps=[0.1],
@@ -125,7 +125,7 @@ def test_mirrored_over_two_logical_cpus_gives_the_per_example_results_of_one_dev
 def two_workers(model, tmp_path):
     """Two evaluation processes of one MultiWorkerMirroredStrategy cluster; each is given its own output
     and state folders (out-<i>, state-<i>), so the test sees which one writes."""
-    from tests.test_distribute import free_ports
+    from test_distribute import free_ports
 
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     return [start(model, tmp_path / f"out-{index}", tmp_path / f"state-{index}", "multi_worker", env=dict(

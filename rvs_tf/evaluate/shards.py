@@ -44,7 +44,9 @@ class Shards:
         # per-replica values as arguments, which its input signature refuses.
         out = self.strategy.run(lambda *args: fn(*args),
                                 args=(per_replica(0), per_replica(1), eps, per_replica(2)))
-        gathered = self.strategy.gather(out, axis=0).numpy()
+        if not self.multi_worker:  # every replica is local: no collective needed
+            return [t.numpy() for t in self.strategy.experimental_local_results(out)][:len(batches)]
+        gathered = self.strategy.gather(out, axis=0).numpy()  # every worker gets every batch
         ends = np.cumsum([len(b[1]) for b in padded])
         return np.split(gathered, ends[:-1])[:len(batches)]
 
