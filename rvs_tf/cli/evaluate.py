@@ -7,6 +7,13 @@
 Dataset and eps default to the model's metadata (assets.extra/rvs_metadata.json). Prints clean accuracy,
 each attack with its settings and the per-example worst case with its 95% interval; writes report.json,
 report.md and figures to --output_dir (default: next to the model, e.g. saved_models/<name>/eval_<version>).
+
+Resumable: progress is kept in --state_dir (default <output_dir>/state) after every batch, so the same
+command again, after a crash or `kill -9`, continues where it stopped and ends with the same report. Another
+command (model, data, eps, attacks, seed, batch size) replaces the default state with a warning, as it
+replaces the report; in an explicit --state_dir it is refused unless --restart.
+Sharded: --strategy=mirrored deals the attack batches to all local GPUs, --strategy=multi_worker to every
+worker of TF_CONFIG's cluster (run the same command on each; only the chief writes the report and state).
 """
 import os
 import sys
@@ -33,6 +40,13 @@ flags.DEFINE_string("output_dir", None, "Where the report goes (default: next to
 flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and proposals.")
 flags.DEFINE_integer("sweep_examples", 100, "Examples of the accuracy-against-eps sweep (0 skips it).")
 flags.DEFINE_bool("cascade", True, "Attack only examples no earlier attack broke (as AutoAttack).")
+flags.DEFINE_string("state_dir", None, "Where each attack's finished batches are kept, so rerunning the "
+                    "same command resumes (default: <output_dir>/state, replaced when the command differs; "
+                    "'none' keeps nothing). An explicit folder with another evaluation's state is refused.")
+flags.DEFINE_bool("restart", False, "Discard the saved progress in the state folder and start over.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: one device, all local GPUs (MirroredStrategy), or the workers of "
+                  "TF_CONFIG (MultiWorkerMirroredStrategy); the per-example results are the same.")
 flags.DEFINE_bool("progress", True, "Show a progress bar per attack (on a terminal only: Keras's bars are "
                   "escape codes, which fill logs).")
 flags.mark_flags_as_required(["model"])
@@ -70,6 +84,9 @@ def main(argv):
         raise app.UsageError(f"arguments: expected flags only, got {argv[1:]}")
     if not FLAGS["verbosity"].present:  # each attack setting traces once; TF's retracing notes are noise
         logging.set_verbosity(logging.ERROR)
+    from rvs_tf import distribute
+
+    strategy = distribute.get_strategy(FLAGS.strategy)  # before any other TensorFlow operation
     _, metadata, _ = evaluate.load_model(FLAGS.model)
     dataset = FLAGS.dataset or metadata.get("dataset")
     eps = FLAGS.eps if FLAGS.eps is not None else metadata.get("eps")
@@ -83,11 +100,15 @@ def main(argv):
                               num_examples=FLAGS.num_examples, data_dir=FLAGS.data_dir,
                               idx_dir=FLAGS.idx_dir, validation_size=0)  # the test split needs no hold-out
     output_dir = FLAGS.output_dir or evaluate.default_output_dir(FLAGS.model)
+    state_dir = FLAGS.state_dir or os.path.join(output_dir, "state")
     report = evaluate.robustness_report(
         FLAGS.model, ds, eps=eps, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
         batch_size=FLAGS.batch_size, cascade=FLAGS.cascade, sweep_examples=FLAGS.sweep_examples,
         output_dir=output_dir, seed=FLAGS.seed, progress=FLAGS.progress and sys.stdout.isatty(),
-        dataset_name=dataset)
+        dataset_name=dataset, state_dir=None if state_dir.lower() == "none" else state_dir,
+        restart=FLAGS.restart or ("mismatched" if FLAGS.state_dir is None else False), strategy=strategy)
+    if not distribute.is_chief(strategy):
+        return
     print("\n".join([f"dataset {dataset}", *evaluate.format_summary(report),
                      f"report: {os.path.join(output_dir, 'report.md')}"]))
 

@@ -19,8 +19,9 @@ How the figures are computed: see METHOD.
 Shell: `rvs-evaluate --model=saved_models/<name>/<version>` or `python -m rvs_tf.evaluate --model=...`.
 
 This package is the public face; one module per concept: specs (the attacks), statistics (rates and
-their intervals), models (what is attacked), runner, ensemble (the cascade and the eps sweep), checks,
-render (summary, JSON, Markdown, figures) and report (the pipeline).
+their intervals), models (what is attacked), runner, shards (batches dealt to a strategy's replicas),
+state (progress kept in `state_dir`, so a killed run resumes), ensemble (the cascade and the eps sweep),
+checks, render (summary, JSON, Markdown, figures) and report (the pipeline).
 """
 
 from rvs_tf.evaluate.checks import LARGE_EPS, NEAR_ZERO, Check, sanity_checks

@@ -19,16 +19,19 @@ class Ensemble:
     shown_by: list
 
 
-def run_ensemble(runner, specs, x, y, eps, cascade):
-    """Every attack in order; with `cascade`, non-stand-alone attacks only attack what survived so far."""
+def run_ensemble(runner, specs, x, y, eps, cascade, state=None):
+    """Every attack in order; with `cascade`, non-stand-alone attacks only attack what survived so far.
+    `state` (an EvaluationState) keeps each attack's finished batches, so a killed run resumes."""
     n = len(y)
     correct = runner.labels(x) == y
     found = Ensemble([], correct, correct.copy(), {}, x.copy(), [None] * n)
-    for spec in specs:
+    for position, spec in enumerate(specs):
         alone = spec.standalone or not cascade
         idx = np.flatnonzero(correct if alone else found.robust)
         t0 = time.perf_counter()
-        x_adv, wrong = runner.attack(spec, x[idx], y[idx], eps, f"{spec.describe(eps)}: {len(idx)} images")
+        progress = state.attack(position, spec.name, idx, runner.batch_size) if state is not None else None
+        x_adv, wrong = runner.attack(spec, x[idx], y[idx], eps, f"{spec.describe(eps)}: {len(idx)} images",
+                                     tag=spec.name, state=progress)
         seconds = time.perf_counter() - t0
         hit = np.zeros(n, bool)
         hit[idx] = wrong
@@ -40,6 +43,7 @@ def run_ensemble(runner, specs, x, y, eps, cascade):
         found.robust &= ~hit
         accuracy = rate(int(np.sum(correct & ~hit)) if alone else int(found.robust.sum()), n)
         found.rows.append(_row(spec, eps, alone, accuracy, len(idx), int(newly.sum()), seconds))
+        found.rows[-1]["batches_resumed"] = progress.restored if progress is not None else 0
     return found
 
 
@@ -77,7 +81,7 @@ def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples):
         robust_all = ok.copy()
         for spec in specs:
             title = f"sweep eps={e:.4g}: {spec.name}, {len(idx)} images"
-            _, wrong = runner.attack(spec, xs[idx], ys[idx], e, title)
+            _, wrong = runner.attack(spec, xs[idx], ys[idx], e, title, tag=f"sweep {spec.name} eps={e!r}")
             hit = np.zeros(m, bool)
             hit[idx] = wrong
             curves[spec.name].append(float(np.mean(ok & ~hit)))

@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from rvs_tf import export
+from rvs_tf.checkpoints import replace_durably
 from rvs_tf.evaluate.statistics import format_rate
 
 
@@ -52,10 +53,15 @@ def write_outputs(report, output_dir, x, y, ensemble, runner):
         del report["files"]["eps_plot"]
     _plot_examples(x, ensemble.x_show, y, ensemble.shown_by, runner, report["class_names"], report["eps"],
                    report["files"]["examples"])
-    with open(report["files"]["json"], "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    with open(report["files"]["markdown"], "w", encoding="utf-8") as f:
-        f.write(_markdown(report))
+    _write_atomic(report["files"]["json"], json.dumps(report, indent=2))
+    _write_atomic(report["files"]["markdown"], _markdown(report))
+
+
+def _write_atomic(path, text):
+    """A killed run leaves the previous file or the new one, never half of one."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    replace_durably(path + ".tmp", path)
 
 
 def _markdown(report):

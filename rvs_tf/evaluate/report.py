@@ -2,10 +2,14 @@
 import numbers
 import time
 
+import contextlib
+import os
+
 from rvs_tf.arguments import check_int
-from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib
+from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib, state as state_lib
 from rvs_tf.evaluate.models import load_model
 from rvs_tf.evaluate.runner import Runner, materialise
+from rvs_tf.evaluate.shards import resolve_strategy
 from rvs_tf.evaluate.statistics import rate
 
 METHOD = (
@@ -22,7 +26,8 @@ METHOD = (
 
 def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=None, batch_size=250,
                       cascade=True, sweep_eps=None, sweep_examples=100, sweep_attacks=None, output_dir=None,
-                      seed=0, progress=True, class_names=None, dataset_name=None, tolerance=0.01):
+                      seed=0, progress=True, class_names=None, dataset_name=None, tolerance=0.01,
+                      state_dir=None, restart=False, strategy=None):
     """Attack `model` on `dataset` at L-inf radius `eps`; return the report as a JSON-ready dict.
 
     model: Keras model returning logits, a callable returning logits (or a dict with "logits"), or the
@@ -34,19 +39,30 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     output_dir: where report.json, report.md, accuracy_vs_eps.png and examples.png go (None: no files).
     dataset_name: recorded in the report (default: the model's metadata).
     tolerance: slack, as a fraction of examples, allowed by the sanity checks (at least one example).
+    state_dir: folder where each attack's finished batches are kept (see rvs_tf.evaluate.state): the same
+    call again resumes there and ends with the same report; a state of another evaluation is refused
+    unless `restart=True` (discard any saved state) or "mismatched" (discard only a state of another
+    evaluation). None: nothing is kept.
+    strategy: a tf.distribute.Strategy or "default" / "mirrored" / "multi_worker": the attack batches are
+    dealt to its replicas (same per-example results as one device); only the chief writes files.
     """
-    _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance)
+    _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
+    strategy = resolve_strategy(strategy)
     preset = attacks if isinstance(attacks, str) else "custom"
     specs = specs_lib.resolve_attacks(attacks)
     eps = float(eps)
     sweep_eps = ensemble.sweep_radii(eps, sweep_eps, checks.LARGE_EPS)
 
     start = time.perf_counter()
-    logits_fn, metadata, model_name = load_model(model)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():  # weights on every replica
+        logits_fn, metadata, model_name = load_model(model)
     x, y = materialise(dataset, num_examples)
-    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress)
+    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy)
     class_names = _class_names(class_names, metadata, runner.num_classes(x), y)
-    found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade)
+    state = None if state_dir is None else state_lib.EvaluationState(state_dir, state_lib.fingerprint(
+        model_name, runner.logits(x[:batch_size]), x, y, eps=eps, specs=specs, seed=seed, cascade=cascade,
+        batch_size=batch_size), restart=restart, writable=runner.shards.chief)  # only the chief writes
+    found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade, state)
     sweep_specs = specs_lib.resolve_attacks(
         sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
     sweep = (ensemble.sweep(runner, sweep_specs, x, y, found.correct, sweep_eps, sweep_examples)
@@ -58,22 +74,25 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
         "clean": rate(int(found.correct.sum()), n),
         "attacks": found.rows,
-        "worst_case": {**rate(int(found.robust.sum()), n), "over": [s.name for s in specs],
-                       "description": "per-example worst case: an example counts as robust only if it is "
-                                      "classified correctly and no attack listed broke it",
-                       "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)},
-        "eps_sweep": sweep,
-        "method": METHOD,
-        "timing": {"seconds": seconds, "images_per_second": n / seconds},
+        "worst_case": _worst_case(found, specs, n), "eps_sweep": sweep, "method": METHOD,
+        "timing": {"seconds": seconds, "images_per_second": n / seconds,
+                   "replicas": runner.shards.replicas},
     }
     report["sanity_checks"] = checks.sanity_checks(
         checks.Evidence(report, specs, sweep_specs, found.broken, found.correct, tolerance))
-    if output_dir is not None:
+    if output_dir is not None and runner.shards.chief:
         render.write_outputs(report, output_dir, x, y, found, runner)
     return report
 
 
-def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance):
+def _worst_case(found, specs, n):
+    return {**rate(int(found.robust.sum()), n), "over": [s.name for s in specs],
+            "description": "per-example worst case: an example counts as robust only if it is "
+                           "classified correctly and no attack listed broke it",
+            "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)}
+
+
+def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir):
     """Refuse bad arguments before loading anything."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps <= 1.0:
         raise ValueError(f"eps: expected a number in [0, 1] (L-inf radius for images in [0, 1]), got {eps!r}")
@@ -84,6 +103,8 @@ def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance):
         check_int("num_examples", num_examples, 1)
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance: expected a number in [0, 1), got {tolerance!r}")
+    if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):
+        raise ValueError(f"state_dir: expected a folder path or None, got {state_dir!r}")
 
 
 def _class_names(class_names, metadata, num_classes, y):

@@ -1,12 +1,14 @@
 """Running attacks: the evaluation set held in memory, each attack compiled once and run in batches, and
 every result re-checked independently of the attack's own bookkeeping."""
 import sys
+import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from rvs_tf import attacks as attacks_lib
+from rvs_tf.evaluate.shards import Shards
 
 
 def materialise(dataset, num_examples):
@@ -51,18 +53,23 @@ def _take(dataset, num_examples):
 
 class Runner:
     """Compiles each attack once (eps and seed are tensors, so the sweep does not retrace), runs it in
-    batches, re-checks every result independently of the attack's own bookkeeping."""
+    batches (one per replica of `strategy` at a time), re-checks every result independently of the
+    attack's own bookkeeping."""
 
-    def __init__(self, model, image_shape, batch_size, seed, progress):
-        self.model, self.batch_size, self.seed, self.progress = model, batch_size, seed, progress
+    def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None):
+        self.model, self.batch_size, self.seed = model, batch_size, seed
+        self.shards = Shards(strategy)
+        self.progress = progress and self.shards.chief
         self._x_spec = tf.TensorSpec([None, *image_shape], tf.float32)
         self.predict = tf.function(lambda x: tf.argmax(attacks_lib.model_logits(model, x), -1),
                                    input_signature=[self._x_spec])
         self._compiled = {}
-        self._calls = 0
 
     def num_classes(self, x):
-        return int(attacks_lib.model_logits(self.model, tf.constant(x[:1])).shape[-1])
+        return int(self.logits(x[:1]).shape[-1])
+
+    def logits(self, x):
+        return attacks_lib.model_logits(self.model, tf.constant(x)).numpy()
 
     def _attack_fn(self, spec):
         if spec not in self._compiled:
@@ -80,23 +87,35 @@ class Runner:
         return np.concatenate([self.predict(x[i:i + self.batch_size]).numpy()
                                for i in range(0, len(x), self.batch_size)])
 
-    def attack(self, spec, x, y, eps, title):
-        """Adversarial images for (x, y) and whether each one is misclassified."""
-        self._calls += 1
-        run, n = self._attack_fn(spec), len(x)
+    def attack(self, spec, x, y, eps, title, tag, state=None):
+        """Adversarial images for (x, y) and whether each one is misclassified.
+
+        Batch b's seed depends only on (seed, tag, b), never on what ran before, so a resumed run (`state`,
+        an AttackProgress) and a sharded one attack every batch exactly as an uninterrupted single-device
+        run does."""
+        run, n, size, replicas = self._attack_fn(spec), len(x), self.batch_size, self.shards.replicas
         x_adv = np.empty_like(x)
+        done = self.shards.agree(state.load(x_adv) if state is not None else 0, spec.name)
+        starts, key = list(range(0, n, size)), zlib.crc32(tag.encode()) & 0x7FFFFFFF
         bar = None
         if self.progress and n:
-            print(title, file=sys.stderr, flush=True)
+            print(title + (f" (resuming after {done} batches)" if done else ""), file=sys.stderr, flush=True)
             bar = keras.utils.Progbar(n, unit_name="image")
-        for b, i in enumerate(range(0, n, self.batch_size)):
-            seed = tf.constant([self.seed, self._calls * 100_003 + b], tf.int64)
-            out = run(x[i:i + self.batch_size], y[i:i + self.batch_size], tf.constant(eps, tf.float32), seed)
-            x_adv[i:i + self.batch_size] = out.numpy()
+        eps_t = tf.constant(eps, tf.float32)
+        for first in range(done, len(starts), replicas):
+            group = list(enumerate(starts[first:first + replicas], first))
+            outs = self.shards.run(run, [(x[i:i + size], y[i:i + size],
+                                          tf.constant([self.seed, key * 1_000_000 + b], tf.int64))
+                                         for b, i in group], eps_t)
+            for (b, i), out in zip(group, outs):
+                x_adv[i:i + size] = out
+            if state is not None:
+                state.save([(b, out, self.labels(out) != y[i:i + size]) for (b, i), out in zip(group, outs)])
             if bar is not None:
-                bar.update(min(i + self.batch_size, n))
+                bar.update(min(group[-1][1] + size, n))
         excess = np.max(np.abs(x_adv - x), initial=0.0)
         if excess > eps + 1e-5 or (n and (x_adv.min() < 0.0 or x_adv.max() > 1.0)):
             raise RuntimeError(f"{spec.name}: expected images inside the eps-ball and [0, 1], got max "
-                               f"|delta| {excess} at eps {eps}; this is a bug in rvs_tf.attacks")
+                               f"|delta| {excess} at eps {eps}; this is a bug in rvs_tf.attacks (or a "
+                               "state_dir written by another version)")
         return x_adv, self.labels(x_adv) != y
