@@ -14,8 +14,9 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from rvs_tf import distribute  # noqa: E402
 
-MODEL, OUT_DIR, STATE_DIR, STRATEGY = sys.argv[1:5]
-strategy = distribute.get_strategy(STRATEGY, communication="ring") if STRATEGY == "multi_worker" else None
+if __name__ == "__main__":  # imported by the tests for ATTACKS and data(): read no arguments then
+    MODEL, OUT_DIR, STATE_DIR, STRATEGY = sys.argv[1:5]
+    strategy = distribute.get_strategy(STRATEGY, communication="ring") if STRATEGY == "multi_worker" else None
 
 import numpy as np  # noqa: E402
 
