@@ -64,7 +64,7 @@ def _inputs(x, y):
     return x, tf.cast(y, tf.int32)
 
 
-def _ball(x, eps):
+def ball(x, eps):
     """Bounds of the eps-ball around x intersected with [0, 1]: projection is one clip."""
     eps = tf.cast(eps, tf.float32)
     return tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
@@ -164,7 +164,7 @@ def fgsm(model, x, y, *, eps):
     """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps on the cross-entropy."""
     _check_eps(eps)
     x, y = _inputs(x, y)
-    lo, hi = _ball(x, eps)
+    lo, hi = ball(x, eps)
     _, g, _ = _evaluate(model, x, y, ce_loss)
     return tf.clip_by_value(x + tf.cast(eps, tf.float32) * tf.sign(g), lo, hi)
 
@@ -186,7 +186,7 @@ def pgd(model, x, y, *, eps, steps=10, step_size=None, restarts=1, loss="ce", ra
                          f"got {restarts}")
     loss_fn = _loss_fn(loss)
     x, y = _inputs(x, y)
-    lo, hi = _ball(x, eps)
+    lo, hi = ball(x, eps)
     alpha = tf.cast(2.5 * eps / steps if step_size is None else step_size, tf.float32)
     best = (x, tf.fill(tf.shape(y), -math.inf), tf.zeros_like(y, tf.bool))
     for r in range(restarts):
@@ -217,7 +217,7 @@ def apgd_checkpoints(steps):
 
 def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
     """One APGD run (Croce & Hein 2020, Algorithm 1) with per-example step sizes."""
-    lo, hi = _ball(x, eps)
+    lo, hi = ball(x, eps)
     eps = tf.cast(eps, tf.float32)
     u = _uniform(tf.shape(x), -1.0, 1.0, seed, 0)
     u_max = tf.reduce_max(tf.abs(u), axis=list(range(1, x.shape.rank)), keepdims=True)
@@ -341,7 +341,7 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
     _, height, width, channels = x.shape
     if min(height, width) < 2:
         raise ValueError(f"x: expected images of at least 2x2 pixels for square, got shape {x.shape}")
-    lo, hi = _ball(x, eps)
+    lo, hi = ball(x, eps)
     eps = tf.cast(eps, tf.float32)
 
     def margin(xa, ya):

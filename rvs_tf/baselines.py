@@ -23,6 +23,7 @@ term at once.
 import keras
 import tensorflow as tf
 
+from rvs_tf.attacks import ball
 from rvs_tf.training import RobustModel, _check
 
 
@@ -38,7 +39,7 @@ def signed_ascent(loss_fn, x, start, eps, steps, step_size):
     """`steps` signed-gradient ascent steps on sum(loss_fn(x')) from `start`, each projected onto the
     eps-ball around x and [0, 1]; returns the last iterate, as the training attacks of these papers do
     (rvs_tf.attacks.pgd, an evaluation attack, keeps the worst iterate instead)."""
-    lo, hi = tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
+    lo, hi = ball(x, eps)
 
     def step(i, x_adv):
         return i + 1, tf.clip_by_value(x_adv + step_size * tf.sign(input_gradient(loss_fn, x_adv)), lo, hi)
@@ -233,7 +234,7 @@ class FGSMPGIModel(FGSMRSModel):
             batch, self.prior_capacity,
             message=f"FGSMPGIModel: a per-replica batch exceeds prior_capacity={self.prior_capacity}; "
                     "pass prior_capacity >= the per-replica batch size")
-        lo, hi = tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
+        lo, hi = ball(x, eps)
         return tf.clip_by_value(x + eps * self.prior[:batch], lo, hi), (lo, hi)
 
     def adversarial_examples(self, x, y, eps):
@@ -244,8 +245,7 @@ class FGSMPGIModel(FGSMRSModel):
     def update_prior(self, x, start, gradient, eps, bounds):
         """The next batch's start: this start moved one signed step along the gradient momentum."""
         batch = tf.shape(x)[0]
-        flat = tf.reshape(gradient, [batch, -1])
-        normalised = gradient / (tf.reduce_sum(tf.abs(flat)) + 1e-12)  # one L1 norm per batch, as the authors
+        normalised = gradient / (tf.reduce_sum(tf.abs(gradient)) + 1e-12)  # one L1 norm per batch, as the authors
         momentum = normalised + self.prior_momentum * self.prior_gradient[:batch]
         following = tf.clip_by_value(start + self.step_ratio * eps * tf.sign(momentum), *bounds)
         eta = (following - x) / tf.maximum(eps, 1e-12)

@@ -17,6 +17,7 @@ run on the classifier in inference mode, so crafting never moves BatchNorm stati
 import keras
 import tensorflow as tf
 
+from rvs_tf.attacks import ball
 from rvs_tf.baselines import input_gradient
 from rvs_tf.rvs import GeneratorGame
 from rvs_tf.training import _check
@@ -101,7 +102,7 @@ class RVSInitModel(GeneratorGame):
         direction = tf.stop_gradient(tf.sign(input_gradient(self._cross_entropy_of(y), tf.stop_gradient(start))))
         if not self.project:
             return tf.clip_by_value(start + self.step_ratio * eps * direction, 0.0, 1.0)
-        lo, hi = tf.maximum(x - eps, 0.0), tf.minimum(x + eps, 1.0)
+        lo, hi = ball(x, eps)
         return tf.clip_by_value(start + self.step_ratio * eps * direction, lo, hi)
 
     def adversarial_examples(self, x, y, eps):
