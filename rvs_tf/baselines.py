@@ -88,9 +88,6 @@ class FGSMRSModel(NaturalModel):
     def uniform_start(self, x, eps):
         return x + eps * tf.random.stateless_uniform(tf.shape(x), self.step_seed(0), -1.0, 1.0)
 
-    def cross_entropy_of(self, y):
-        return lambda images: tf.nn.sparse_softmax_cross_entropy_with_logits(y, self.inference_logits(images))
-
     def adversarial_examples(self, x, y, eps):
         return signed_ascent(self.cross_entropy_of(y), x, self.uniform_start(x, eps), eps, 1,
                              self.step_ratio * eps)
@@ -207,7 +204,8 @@ class FGSMPGIModel(FGSMRSModel):
                  prior_capacity=512, **kwargs):
         super().__init__(classifier, step_ratio=step_ratio, **kwargs)
         _check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
-        _check(0.0 <= float(prior_momentum) < 1.0, f"prior_momentum: expected 0 <= value < 1, got {prior_momentum}")
+        _check(0.0 <= float(prior_momentum) < 1.0,
+               f"prior_momentum: expected 0 <= value < 1, got {prior_momentum}")
         _check(int(prior_capacity) >= 1, f"prior_capacity: expected >= 1, got {prior_capacity}")
         self.pairing_weight = float(pairing_weight)
         self.prior_momentum = float(prior_momentum)

@@ -82,12 +82,8 @@ class RVSInitModel(GeneratorGame):
                 "pairing_weight": self.pairing_weight}
 
     # -- the perturbation ------------------------------------------------------------------------------
-    def _cross_entropy_of(self, y):
-        return lambda images: tf.nn.sparse_softmax_cross_entropy_with_logits(
-            y, self.logits(images, training=False))
-
     def gradient_sign(self, x, y):
-        return tf.stop_gradient(tf.sign(input_gradient(self._cross_entropy_of(y), x)))
+        return tf.stop_gradient(tf.sign(input_gradient(self.cross_entropy_of(y), x)))
 
     def start(self, x, gradient_sign, eps, stream, training=True):
         """x_0 = clip01(x + start_ratio * eps * tanh(G([x, s, z]))): inside that ball by construction."""
@@ -99,7 +95,7 @@ class RVSInitModel(GeneratorGame):
     def step_from(self, x, y, start, eps):
         """One signed step of alpha from the start, projected onto the eps-ball (if `project`) and [0, 1].
         The gradient passes through the start only (the sign is piecewise constant)."""
-        direction = tf.stop_gradient(tf.sign(input_gradient(self._cross_entropy_of(y), tf.stop_gradient(start))))
+        direction = tf.stop_gradient(tf.sign(input_gradient(self.cross_entropy_of(y), tf.stop_gradient(start))))
         if not self.project:
             return tf.clip_by_value(start + self.step_ratio * eps * direction, 0.0, 1.0)
         lo, hi = ball(x, eps)

@@ -197,6 +197,11 @@ class RobustModel(keras.Model):
     def logits(self, x, training):
         return tf.cast(self.classifier(x, training=training), tf.float32)
 
+    def cross_entropy_of(self, y):
+        """images -> per-example CE of the classifier in inference mode: what the training attacks ascend."""
+        return lambda images: tf.nn.sparse_softmax_cross_entropy_with_logits(
+            y, self.logits(images, training=False))
+
     def targets(self, y):
         return smooth_labels(y, self.num_classes, self.label_smoothing)
 

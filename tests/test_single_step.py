@@ -88,7 +88,7 @@ def test_learned_start_lies_inside_the_ball_and_the_final_example_too():
     assert np.abs(start - x.numpy()).max() > 0  # the generator moves the start
     x_adv = model.adversarial_examples(x, y, tf.constant(EPS)).numpy()
     assert np.abs(x_adv - x.numpy()).max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    ce = lambda images: float(tf.reduce_mean(model._cross_entropy_of(y)(images)))
+    ce = lambda images: float(tf.reduce_mean(model.cross_entropy_of(y)(images)))
     assert ce(x_adv) > ce(x)
 
 
@@ -108,7 +108,7 @@ def test_generator_step_raises_the_loss_at_the_final_example():
     model = init_model(generator_every=1)
     x, y = batch()
     sign = model.gradient_sign(x, y)
-    loss = lambda: float(tf.reduce_mean(model._cross_entropy_of(y)(
+    loss = lambda: float(tf.reduce_mean(model.cross_entropy_of(y)(
         model.step_from(x, y, model.start(x, sign, EPS, stream=0), EPS))))
     before = loss()
     for _ in range(5):
