@@ -2,11 +2,17 @@
 
     .venv/bin/python benchmarks/eval_speed.py                          # natural and fast-AT small CNNs
     .venv/bin/python benchmarks/eval_speed.py --model=saved_models/<name>/<version>   # any exported model
+    .venv/bin/python benchmarks/eval_speed.py --model=... --compare_art --num_examples=500   # against ART
 
 Without --model it trains two small CNNs (cached under runs/eval_speed/): one naturally, one with FGSM
 adversarial training from a random start (Wong et al. 2020, eps 0.1) so that many examples survive the
 early attacks and the expensive ones (APGD-T, Square) have real work: the natural model alone would time
 only APGD-CE. Prints each report's summary and the wall time; the budget is 10 minutes per model.
+
+--compare_art runs the same cascade (APGD-CE 100 steps, then APGD-DLR 100 steps on the survivors, then
+Square with --art_queries queries on theirs, 1 restart each, eps 0.1) with rvs_tf and with IBM ART
+(`pip install adversarial-robustness-toolbox`: a benchmark extra, not a dependency of rvs_tf) in one
+process on the same model and images, and prints both times, both worst cases and the throughput ratio.
 """
 import os
 import time
@@ -21,6 +27,9 @@ flags.DEFINE_integer("sweep_examples", 100, "Examples of the eps sweep.")
 flags.DEFINE_integer("epochs", 1, "Training epochs of each small CNN.")
 flags.DEFINE_list("kinds", ["natural", "fast_at"], "Which small CNNs to train and evaluate.")
 flags.DEFINE_string("work_dir", "runs/eval_speed", "Cache of trained models and the reports.")
+flags.DEFINE_bool("compare_art", False, "Time rvs_tf against IBM ART on APGD-CE, APGD-DLR and Square.")
+flags.DEFINE_integer("art_queries", 1000, "Square's queries in --compare_art.")
+flags.DEFINE_integer("art_batch_size", 250, "ART's batch size in --compare_art.")
 FLAGS = flags.FLAGS
 
 
@@ -66,8 +75,68 @@ def _train(kind, path):
     return model
 
 
+def _art_cascade(logits_fn, x, y, eps):
+    """The cascade with IBM ART's attacks: (robust mask over x, seconds)."""
+    import numpy as np
+    import tensorflow as tf
+    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    classifier = TensorFlowV2Classifier(
+        model=lambda images, training=False: logits_fn(tf.cast(images, tf.float32)), nb_classes=10,
+        input_shape=x.shape[1:], clip_values=(0.0, 1.0),
+        loss_object=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+    t0 = time.perf_counter()
+    robust = np.argmax(classifier.predict(x, batch_size=FLAGS.art_batch_size), -1) == y
+    attacks = [AutoProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=100,
+                                            nb_random_init=1, batch_size=FLAGS.art_batch_size,
+                                            loss_type=loss, verbose=False)
+               for loss in ("cross_entropy", "difference_logits_ratio")]
+    attacks.append(SquareAttack(classifier, norm=np.inf, eps=eps, max_iter=FLAGS.art_queries, p_init=0.8,
+                                nb_restarts=1, batch_size=FLAGS.art_batch_size, verbose=False))
+    for attack in attacks:
+        idx = np.flatnonzero(robust)
+        if len(idx):
+            x_adv = attack.generate(x[idx], y=np.eye(10, dtype=np.float32)[y[idx]])
+            assert np.abs(x_adv - x[idx]).max() <= eps + 1e-5
+            robust[idx] = np.argmax(classifier.predict(x_adv, batch_size=FLAGS.art_batch_size), -1) == y[idx]
+        print(f"  ART {type(attack).__name__}: {robust.mean():.1%} left after {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    return robust, time.perf_counter() - t0
+
+
+def _compare_art():
+    """rvs_tf and ART on the same cascade, model and images."""
+    from rvs_tf import evaluate
+    from rvs_tf.data import make_eval_dataset
+    from rvs_tf.evaluate.runner import materialise
+
+    logits_fn, _, description = evaluate.load_model(FLAGS.model)
+    ds, _ = make_eval_dataset("fashion_mnist_idx", num_examples=FLAGS.num_examples, batch_size=250)
+    x, y = materialise(ds, FLAGS.num_examples)
+    specs = [evaluate.attack_spec("APGD-CE", "apgd", steps=100, loss="ce"),
+             evaluate.attack_spec("APGD-DLR", "apgd", steps=100, loss="dlr"),
+             evaluate.attack_spec("Square", "square", queries=FLAGS.art_queries, p_init=0.8)]
+    t0 = time.perf_counter()
+    report = evaluate.robustness_report(logits_fn, (x, y), eps=FLAGS.eps, attacks=specs, sweep_examples=0,
+                                        progress=False)
+    ours = time.perf_counter() - t0
+    for row in report["attacks"]:
+        print(f"  rvs_tf {row['name']}: {row['accuracy']:.1%} left, {row['seconds']:.0f} s")
+    robust, theirs = _art_cascade(logits_fn, x, y, FLAGS.eps)
+    print(f"\n== {description}, first {len(y)} test images, eps {FLAGS.eps}: APGD-CE 100 -> APGD-DLR 100 -> "
+          f"Square {FLAGS.art_queries} (cascade, 1 restart each)")
+    print(f"rvs_tf: {ours:.0f} s, worst case {report['worst_case']['accuracy']:.1%}")
+    print(f"ART:    {theirs:.0f} s, worst case {robust.mean():.1%}")
+    print(f"throughput ratio rvs_tf / ART: {theirs / ours:.1f}x")
+
+
 def main(argv):
     del argv
+    if FLAGS.compare_art:
+        if not FLAGS.model:
+            raise app.UsageError("--compare_art: expected --model (an exported model or .keras file)")
+        return _compare_art()
     from rvs_tf import evaluate
     from rvs_tf.data import make_eval_dataset
 

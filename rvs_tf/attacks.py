@@ -215,13 +215,30 @@ def apgd_checkpoints(steps):
     return sorted({min(math.ceil(v * steps - 1e-9), steps) for v in p[1:]} - {0})
 
 
+def _shrink(tensors, keep):
+    """Each [B, ...] tensor of `tensors` restricted to the examples where `keep` is True."""
+    return tuple(tf.boolean_mask(t, keep) for t in tensors)
+
+
+def _any_batch(t):
+    """t's shape with the batch dimension unknown: a while-loop invariant for a shrinking batch."""
+    return tf.TensorShape([None]).concatenate(t.shape[1:])
+
+
 def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
-    """One APGD run (Croce & Hein 2020, Algorithm 1) with per-example step sizes."""
+    """One APGD run (Croce & Hein 2020, Algorithm 1) with per-example step sizes -> (x_adv, wrong).
+
+    An example leaves the loop at the first point the model misclassifies, which is what it returns for
+    that example (x for the others). Step sizes, momentum and checkpoints are per example and the model
+    runs in inference mode, so no example's path depends on another's: dropping broken examples finds the
+    same broken set as running all of them for every step, at the cost of the survivors only.
+    """
     lo, hi = ball(x, eps)
     eps = tf.cast(eps, tf.float32)
     u = _uniform(tf.shape(x), -1.0, 1.0, seed, 0)
     u_max = tf.reduce_max(tf.abs(u), axis=list(range(1, x.shape.rank)), keepdims=True)
     x0 = tf.clip_by_value(x + eps * u / tf.maximum(u_max, 1e-12), lo, hi)
+    targets = y if target is None else target  # a placeholder the loss ignores when untargeted
     l0, g0, w0 = _evaluate(model, x0, y, loss_fn, target)
     interval = [0] * (steps + 1)  # interval[w_j] = w_j - w_{j-1}, 0 elsewhere
     previous = 0
@@ -229,12 +246,15 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
         interval[w], previous = w - previous, w
     interval = tf.constant(interval, tf.float32)
 
-    def body(k, xc, xp, gc, lc, xm, gm, fm, eta, n_up, fm_ck, red_ck, bx, bs, bw):
+    def body(k, out_x, out_w, where, live):
+        xc, xp, gc, lc, xm, gm, fm, eta, n_up, fm_ck, red_ck, lo, hi, ys, ts = live
         a = tf.where(k == 0, 1.0, 0.75)  # no momentum on the first step
         z = tf.clip_by_value(xc + eta * tf.sign(gc), lo, hi)
         xn = tf.clip_by_value(xc + a * (z - xc) + (1.0 - a) * (xc - xp), lo, hi)
-        ln, gn, wn = _evaluate(model, xn, y, loss_fn, target)
-        bx, bs, bw = _keep_best(bx, bs, bw, xn, ln, wn)
+        ln, gn, wn = _evaluate(model, xn, ys, loss_fn, None if target is None else ts)
+        broken = tf.boolean_mask(where, wn)[:, None]
+        out_x = tf.tensor_scatter_nd_update(out_x, broken, tf.boolean_mask(xn, wn))
+        out_w = tf.tensor_scatter_nd_update(out_w, broken, tf.fill(tf.shape(broken)[:1], True))
         n_up += tf.cast(ln > lc, tf.float32)
         up = _per_example(ln > fm, xn)
         xm, gm, fm = tf.where(up, xn, xm), tf.where(up, gn, gm), tf.maximum(ln, fm)
@@ -245,17 +265,21 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
         # point with zero momentum.
         halve = at_ck & ((n_up < rho * length) | (~red_ck & (fm <= fm_ck)))
         h = _per_example(halve, xn)
-        return (k + 1, tf.where(h, xm, xn), tf.where(h, xm, xc), tf.where(h, gm, gn),
-                tf.where(halve, fm, ln), xm, gm, fm, tf.where(h, eta / 2.0, eta),
-                tf.where(at_ck, 0.0, n_up), tf.where(at_ck, fm, fm_ck), tf.where(at_ck, halve, red_ck),
-                bx, bs, bw)
+        live = (tf.where(h, xm, xn), tf.where(h, xm, xc), tf.where(h, gm, gn), tf.where(halve, fm, ln),
+                xm, gm, fm, tf.where(h, eta / 2.0, eta), tf.where(at_ck, 0.0, n_up),
+                tf.where(at_ck, fm, fm_ck), tf.where(at_ck, halve, red_ck), lo, hi, ys, ts)
+        return k + 1, out_x, out_w, tf.boolean_mask(where, ~wn), _shrink(live, ~wn)
 
-    eta = tf.fill(tf.shape(l0), 2.0 * eps)
-    eta = _per_example(eta, x)
+    eta = _per_example(tf.fill(tf.shape(l0), 2.0 * eps), x)
     zeros = tf.zeros_like(l0)
-    state = (tf.constant(0), x0, x0, g0, l0, x0, g0, l0, eta, zeros, l0, tf.zeros_like(w0), x0, l0, w0)
-    state = tf.while_loop(lambda k, *_: k < steps, body, state)
-    return state[-3], state[-1]
+    live = (x0, x0, g0, l0, x0, g0, l0, eta, zeros, l0, tf.zeros_like(w0), lo, hi, y, targets)
+    where = tf.boolean_mask(tf.range(tf.shape(y, out_type=tf.int64)[0]), ~w0)
+    state = (tf.constant(0), tf.where(_per_example(w0, x), x0, x), w0, where, _shrink(live, ~w0))
+    invariants = (tf.TensorShape([]), x.shape, w0.shape, tf.TensorShape([None]),
+                  tuple(_any_batch(t) for t in live))
+    _, out_x, out_w, _, _ = tf.while_loop(lambda k, _x, _w, where, _l: (k < steps) & (tf.size(where) > 0),
+                                          body, state, shape_invariants=invariants)
+    return out_x, out_w
 
 
 @_graph_ready
@@ -299,7 +323,7 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
                             lambda: _apgd_run(model, xs, ys, ts, eps, steps, loss_fn, rho, run_seed),
                             lambda: (xs, tf.zeros_like(ys, tf.bool)))
         # Examples this run broke take its point; robust ones keep the clean point.
-        best_x = tf.tensor_scatter_nd_update(best_x, idx[:, None], tf.where(_per_example(wrong, xr), xr, xs))
+        best_x = tf.tensor_scatter_nd_update(best_x, idx[:, None], xr)
         return j + 1, best_x, tf.tensor_scatter_nd_update(best_wrong, idx[:, None], wrong)
 
     # One traced body for every target and restart keeps the graph (and its tracing time) small.

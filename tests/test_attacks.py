@@ -183,3 +183,34 @@ def test_bad_arguments_raise(tiny_cnn, kwargs, match):
         attacks.pgd(model, x, y, **kwargs)
     with pytest.raises(ValueError, match=r"x: expected images \[B, H, W, C\].*for square"):
         attacks.square(model, x.reshape(24, -1), y, eps=0.1)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_apgd_examples_that_leave_the_loop_do_not_change_the_others(targeted):
+    """APGD drops an example from its loop once misclassified: that must not move any other example's path.
+
+    Examples appended at the end keep the first ones' random starts (stateless draws are prefix-stable),
+    and these ones sit next to the decision boundary, so they break and leave early: the first batch must
+    get exactly the images and outcomes it gets alone."""
+    rng = np.random.default_rng(3)
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
+                              keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(5)])
+    pool = rng.uniform(size=(400, *SHAPE)).astype(np.float32)
+    logits = model(pool).numpy()
+    y_pool = logits.argmax(1)  # the model's own labels: every example starts correctly classified
+    gap = logits.max(1) - np.sort(logits, 1)[:, -2]
+    x, y = pool[:24], y_pool[:24]
+    near = np.argsort(gap[24:])[:12] + 24  # the closest to the boundary: broken after a step or two
+    kwargs = dict(eps=0.03, steps=20, seed=tf.constant([4, 2], tf.int64),
+                  **(dict(loss="dlr", targeted=True, num_targets=3) if targeted else {}))
+    alone = attacks.apgd(model, x, y, **kwargs).numpy()
+    both = attacks.apgd(model, np.concatenate([x, pool[near]]), np.concatenate([y, y_pool[near]]),
+                        **kwargs).numpy()
+    wrong_alone = model(alone).numpy().argmax(1) != y
+    wrong_near = model(both[24:]).numpy().argmax(1) != y_pool[near]
+    assert 0 < wrong_alone.sum() < 24 and wrong_near.mean() > 0.5, (wrong_alone.sum(), wrong_near.mean())
+    np.testing.assert_array_equal(both[:24], alone)
+    # Broken examples return a misclassified point; the others their clean image.
+    np.testing.assert_array_equal(alone[~wrong_alone], x[~wrong_alone])
+    assert_in_ball(alone, x, 0.03)
