@@ -98,11 +98,12 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
         `stall_ot_fraction` of its peak.
     BatchNorm's moving statistics, which the generator step and the synthesised batches also update,
     are not the cause: the training step and its logged accuracy use batch statistics.
-    Thresholds, from Fashion-MNIST runs (batch 128, Adam 1e-3 / 2e-3, 50-step windows): healthy RVS runs
-    are at 62-75% (default small CNN) and 55-70% (BatchNorm classifiers that train) from step 25 on,
-    their OT term at 45-55% of its peak; the stalled one at 28-33% and falling, its OT term at 6-19% of
-    its peak; the collapsed ones at 10%, OT 0. A classifier still near chance but improving (harder
-    data, a small learning rate) is left alone by the rise test.
+    Thresholds, from Fashion-MNIST runs (batch 128, Adam 1e-3 / 2e-3, 50-step windows, from step 25
+    on): healthy RVS runs at 62-75% (default small CNN, OT term at 45-55% of its peak), 55-70% (a BN+GAP
+    classifier that trains) and 57-79% (WRN-10-2, OT term at 9-21% of its peak: the OT test alone does
+    not tell); the stalled one at 28-33% and falling, OT at 6-19% of its peak; the collapsed ones at
+    10%, OT 0. Accuracy and its rise decide; a classifier still near chance but improving (harder data,
+    a small learning rate) is left alone by the rise test. NaturalModel and PGD-AT log no OT term.
     """
 
     def __init__(self, window=50, accuracy_factor=2.0, ot_fraction=0.01, stall_accuracy_factor=4.0,
