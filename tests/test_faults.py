@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import types
 
 import keras
 import numpy as np
@@ -349,6 +350,21 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_and_a_stale_lock_taken_over
     assert "Training done" in result.stdout and not lock.exists()  # released at the end
 
 
+def test_resuming_a_run_of_the_old_flag_file_names_the_flag_to_pass(finished, idx, tmp_path):
+    copy_run(finished, tmp_path)  # flags/fashion_mnist.cfg used to set --label_smoothing=0.5 for every method
+    config = tmp_path / "run" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "label_smoothing": 0.5}))
+    before = snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports")
+    error = one_line_error(run(train(idx, tmp_path, epochs=3)))
+    assert "--label_smoothing (saved 0.5, now None); to resume it, pass --label_smoothing=0.5, or choose " \
+           "another --workdir or --name" in error, error
+    assert snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports") == before
+    resumed = run(train(idx, tmp_path, "--label_smoothing=0.5", epochs=3))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from epoch 2" in resumed.stdout
+    assert json.loads((tmp_path / "run" / "checkpoints" / STATE_FILE).read_text())["epoch"] == 3
+
+
 def test_a_full_disk_during_a_checkpoint_exits_non_zero_and_keeps_the_earlier_one(finished, idx, tmp_path):
     copy_run(finished, tmp_path)
     before = snapshot(tmp_path / "run" / "checkpoints", tmp_path / "exports")
@@ -436,8 +452,9 @@ def test_rvs_collapsing_on_a_batchnorm_classifier_stops_with_what_to_change(batc
                                                        r"clean training accuracy 0\.\d+ \(chance 0\.100\).*"
                                                        r"--ot_weight=0\.1"):
             fit()
-    else:
-        assert fit().history["clean_accuracy"][-1] > 0.5
+    else:  # a healthy run, 128 steps under the guard fit adds itself (both of its checks armed by step 100)
+        history = model.fit(x[:1024], y[:1024], batch_size=32, epochs=4, verbose=0).history
+        assert len(history["clean_accuracy"]) == 4 and history["clean_accuracy"][-1] > 0.5
 
 
 def test_rvs_export_refuses_a_classifier_with_non_finite_weights(tmp_path):
@@ -450,3 +467,96 @@ def test_rvs_export_refuses_a_classifier_with_non_finite_weights(tmp_path):
     assert result.stderr.startswith("rvs-export: error: classifier: non-finite weights (NaN or Inf) in ")
     assert len(result.stderr.splitlines()) == 1 and result.stdout == ""  # no TF start-up noise either
     assert export.versions(str(tmp_path / "exports" / "diverged")) == []
+
+
+def guard_stops_at(clean_accuracy, ot_loss, steps_per_epoch=32, **options):
+    """Feed a FeatureCollapseGuard per-step values as Keras logs them (running means over each epoch);
+    the 1-based global step at which it raises FeatureCollapseError (its message too), or None."""
+    guard = guards.FeatureCollapseGuard(**options)
+    guard.set_model(types.SimpleNamespace(num_classes=10))
+    sums = {}
+    for step, (accuracy, ot) in enumerate(zip(clean_accuracy, ot_loss)):
+        epoch, batch = divmod(step, steps_per_epoch)
+        if batch == 0:
+            guard.on_epoch_begin(epoch)
+            sums = {"clean_accuracy": 0.0, "ot_loss": 0.0, "ce_loss": 0.0}
+        sums = {"clean_accuracy": sums["clean_accuracy"] + accuracy, "ot_loss": sums["ot_loss"] + ot,
+                "ce_loss": sums["ce_loss"] + 2.2}
+        try:
+            guard.on_train_batch_end(batch, {key: value / (batch + 1) for key, value in sums.items()})
+        except guards.FeatureCollapseError as error:
+            return step + 1, str(error)
+    return None, ""
+
+
+def test_feature_collapse_guard_thresholds_on_measured_trajectories():
+    """Shapes measured on Fashion-MNIST (batch 128; see FeatureCollapseGuard): only the stalled and the
+    collapsed runs are stopped, the stalled one at the first step where two windows have run."""
+    steps, rng = 192, np.random.default_rng(0)
+    noise = lambda scale: rng.normal(0, scale, steps)  # noqa: E731  (a batch of 128's accuracy noise)
+    decay = np.exp(-np.arange(steps) / 20.0)
+    stalled = (0.28 + noise(0.04), 0.15 + 1.6 * decay)  # BN before the feature ReLU: OT 1.75 -> 0.15
+    stop, message = guard_stops_at(*stalled)
+    assert stop == 100 and re.search(r"epoch 4, step 4: training has stalled: clean training accuracy "
+                                     r"0\.2\d\d \(chance 0\.100\) over the last 50 steps, 0\.2\d\d over the 50 "
+                                     r"before, while the OT term fell to 0\.\d+ from 1\.\d+: the OT term "
+                                     r"outweighs the cross-entropy.*--ot_weight=0\.1", message), message
+    collapsed = (0.1 + noise(0.03), 5.7 * decay ** 4)  # ReLU'd features dead: OT 0
+    assert guard_stops_at(*collapsed)[1].startswith("epoch 3, step 10: the classifier is collapsing")
+    healthy = {  # clean accuracy, OT term
+        "default small CNN": (np.minimum(0.75, 0.1 + 0.05 * np.arange(steps)) + noise(0.04),
+                              0.04 + 0.03 * decay + noise(0.005)),
+        "BatchNorm classifier that trains": (np.minimum(0.7, 0.1 + 0.03 * np.arange(steps)) + noise(0.04),
+                                             0.03 + 0.05 * decay ** 4),
+        # near chance for long but improving (harder data, a small learning rate), its OT term fallen
+        "slow but improving": (0.1 + 0.3 * np.arange(steps) / steps + noise(0.04), 0.05 + 1.0 * decay),
+    }
+    for name, trajectory in healthy.items():
+        assert guard_stops_at(*trajectory) == (None, ""), name
+    assert guard_stops_at(*stalled, window=0) == (None, "")  # turned off
+    baseline = guards.FeatureCollapseGuard()  # NaturalModel and PGD-AT log no OT term: nothing to check
+    baseline.set_model(types.SimpleNamespace(num_classes=10))
+    for batch in range(200):
+        baseline.on_train_batch_end(batch, {"loss": 2.3, "adv_accuracy": 0.1})
+
+
+def bn_gap_embedding_classifier():
+    """The issue's kind of Keras user classifier: conv-BatchNorm-ReLU blocks, global average pooling and
+    a 64-unit ReLU embedding (BatchNorm before its ReLU) as `feature_layer`."""
+    images = keras.Input((28, 28, 1))
+    h = images
+    for width in (16, 32):
+        h = keras.layers.Conv2D(width, 3, padding="same")(h)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.Activation("relu")(h)
+        h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(64)(h))
+    h = keras.layers.Activation("relu", name="embedding")(h)
+    return keras.Model(images, keras.layers.Dense(10)(h))
+
+
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                    reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
+@pytest.mark.parametrize("ot_weight", [1.0, 0.1])
+def test_rvs_stalling_on_a_users_batchnorm_classifier_stops_with_what_to_change(ot_weight):
+    """RVSModel's defaults stall (accuracy ~28%, OT term 1.7 -> 0.25) and are stopped at step 56, in
+    about 12 s; with the advised ot_weight=0.1 the same model trains."""
+    from rvs_tf import data, models
+    from rvs_tf.training import FeatureCollapseError, RVSModel
+
+    keras.utils.set_random_seed(0)
+    x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "train")
+    model = RVSModel(bn_gap_embedding_classifier(), models.make_generator(64, (28, 28, 1)), eps=0.1,
+                     feature_layer="embedding", ot_weight=ot_weight)
+    model.compile(classifier_optimizer=keras.optimizers.Adam(2e-3),
+                  generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    fit = lambda: model.fit(x[:2048], y[:2048], batch_size=64, epochs=3, verbose=0,  # noqa: E731
+                            callbacks=[guards.FeatureCollapseGuard(window=25)])
+    if ot_weight == 1.0:
+        with pytest.raises(FeatureCollapseError, match=r"epoch 2, step \d+: training has stalled: clean "
+                                                       r"training accuracy 0\.[23]\d\d \(chance 0\.100\).*"
+                                                       r"--ot_weight=0\.1"):
+            fit()
+    else:
+        assert fit().history["clean_accuracy"][-1] > 0.6

@@ -207,6 +207,17 @@ def run_config():
     return {name: FLAGS[name].value for name in RUN_FLAGS}
 
 
+def _as_flag(name, value):
+    """The command-line form that sets flag `name` back to a saved `value` (a resume-mismatch hint)."""
+    if value is None:
+        return f"no --{name} (its default)"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, list):
+        value = ",".join(str(item) for item in value)
+    return f"--{name}={value}"
+
+
 def build_model(info, steps_per_epoch):
     """The compiled training model of --method (with its classifier, and generator for RVS), from flags."""
     import tensorflow as tf
@@ -368,7 +379,8 @@ def main(argv):
                 raise ValueError(
                     f"--workdir: {workdir!r} holds a run with other settings "
                     + ", ".join(f"--{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(changed.items()))
-                    + "; choose another --workdir or --name to start a new run")
+                    + "; to resume it, pass " + " ".join(_as_flag(k, a) for k, (a, _) in sorted(changed.items()))
+                    + ", or choose another --workdir or --name to start a new run")
         keras.utils.set_random_seed(FLAGS.seed)
         if FLAGS.deterministic:
             tf.config.experimental.enable_op_determinism()
