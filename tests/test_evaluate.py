@@ -225,3 +225,36 @@ def test_a_new_attack_kind_runs_without_changes_elsewhere():
     assert checks["white_box_at_least_as_strong_as_gradient_free"] is not None
     with pytest.raises(ValueError, match="fn: expected an attack of rvs_tf.attacks"):
         attack_spec("CW", "cw")
+
+
+def test_models_of_one_architecture_share_traces_and_keep_their_own_results():
+    """A process that evaluates several models of one architecture (checkpoints, seeds) traces each attack
+    once; each model still gets exactly the results of a model traced on its own."""
+    from rvs_tf.evaluate import runner
+    from rvs_tf.models import small_cnn
+
+    x, y = load_idx_arrays(DEFAULT_IDX_DIR, "test")
+    x, y = x[:24], y[:24]
+    models = []
+    for seed in (0, 1):
+        keras.utils.set_random_seed(seed)
+        model = small_cnn(widths=(4,), feature_dim=16)
+        model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        model.fit(x, y, epochs=15, batch_size=24, verbose=0)  # above chance, so every attack has work
+        models.append(model)
+
+    def report(model):
+        return evaluate.robustness_report(model, (x, y), eps=0.05, attacks=FAST, sweep_examples=0,
+                                          progress=False)
+
+    first = report(models[0])
+    traces = {key: fn.experimental_get_tracing_count() for key, fn in runner._SHARED_TRACES.items()}
+    assert traces and all(count == 1 for count in traces.values()), traces
+    shared = report(models[1])
+    assert {key: fn.experimental_get_tracing_count() for key, fn in runner._SHARED_TRACES.items()} == traces
+    alone = report(lambda images: models[1](images, training=False))  # a callable: traced on its own
+    for got, want in zip(shared["attacks"], alone["attacks"]):
+        assert got["accuracy"] == want["accuracy"], (got["name"], got["accuracy"], want["accuracy"])
+    assert shared["worst_case"]["accuracy"] == alone["worst_case"]["accuracy"]
+    assert shared["clean"] == alone["clean"] and shared["clean"] != first["clean"]

@@ -1,5 +1,6 @@
 """Running attacks: the evaluation set held in memory, each attack compiled once and run in batches, and
 every result re-checked independently of the attack's own bookkeeping."""
+import json
 import sys
 import zlib
 
@@ -51,19 +52,65 @@ def _take(dataset, num_examples):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+# Traces shared by every Keras model of one architecture, whose weights are arguments:
+# (architecture, what, input signature) -> tf.function. Holds the first model of each architecture.
+_SHARED_TRACES = {}
+
+
+def _architecture(model):
+    """A key equal for Keras models that compute the same function of (weights, images), or None.
+
+    Only functional and Sequential models made of Keras's and rvs_tf's own layers qualify: their config
+    describes the whole computation. A subclassed model or a custom layer may keep behaviour outside its
+    config, so it gets traces of its own."""
+    kind = type(model)
+    if not (kind.__module__.startswith("keras.") and kind.__name__ in ("Functional", "Sequential")):
+        return None
+    if not all(type(layer).__module__.startswith(("keras.", "rvs_tf.")) for layer in model._flatten_layers()):
+        return None
+    try:
+        config = json.dumps([kind.__name__, model.get_config()], sort_keys=True)  # not the compile config
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+    return config, tuple((v.path, tuple(v.shape), v.dtype) for v in model.variables)
+
+
 class Runner:
-    """Compiles each attack once (eps and seed are tensors, so the sweep does not retrace), runs it in
-    batches (one per replica of `strategy` at a time), re-checks every result independently of the
-    attack's own bookkeeping."""
+    """Compiles each attack once (eps and seed are tensors, so the sweep does not retrace; Keras models of
+    one architecture share the traces, see `_architecture`), runs it in batches (one per replica of
+    `strategy` at a time), re-checks every result independently of the attack's own bookkeeping."""
 
     def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None):
         self.model, self.batch_size, self.seed = model, batch_size, seed
         self.shards = Shards(strategy)
         self.progress = progress and self.shards.chief
         self._x_spec = tf.TensorSpec([None, *image_shape], tf.float32)
-        self.predict = tf.function(lambda x: tf.argmax(attacks_lib.model_logits(model, x), -1),
-                                   input_signature=[self._x_spec])
+        self._architecture = _architecture(model)
+        self.predict = self._compile("predict", lambda logits, x: tf.argmax(attacks_lib.model_logits(logits, x), -1),
+                                     [self._x_spec])
         self._compiled = {}
+
+    def _compile(self, what, body, signature):
+        """`body(model, *args)` as a function of `args` (shapes in `signature`), traced once: per
+        architecture for the Keras models `_architecture` accepts (the weights go in as arguments, so
+        evaluating several models of one architecture in one process never retraces), else per model."""
+        if self._architecture is None:
+            model = self.model
+            return tf.function(lambda *args: body(model, *args), input_signature=signature)
+        key = (self._architecture, what, tuple(signature))
+        if key not in _SHARED_TRACES:
+            template = self.model
+
+            def traced(weights, *args):
+                return body(lambda x: template.stateless_call(*weights, x, training=False)[0], *args)
+
+            weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables] for variables in
+                            (template.trainable_variables, template.non_trainable_variables)]
+            _SHARED_TRACES[key] = tf.function(traced, input_signature=[weight_specs, *signature])
+        shared = _SHARED_TRACES[key]
+        weights = [[tf.convert_to_tensor(v) for v in variables] for variables in
+                   (self.model.trainable_variables, self.model.non_trainable_variables)]
+        return lambda *args: shared(weights, *args)
 
     def num_classes(self, x):
         return int(self.logits(x[:1]).shape[-1])
@@ -73,10 +120,7 @@ class Runner:
 
     def _attack_fn(self, spec):
         if spec not in self._compiled:
-            def run(x, y, eps, seed):
-                return spec.run(self.model, x, y, eps, seed)
-
-            self._compiled[spec] = tf.function(run, input_signature=[
+            self._compiled[spec] = self._compile(spec, lambda model, x, y, eps, seed: spec.run(model, x, y, eps, seed), [
                 self._x_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32),
                 tf.TensorSpec([2], tf.int64)])
         return self._compiled[spec]
