@@ -11,8 +11,9 @@ import keras
 import tensorflow as tf
 
 from rvs_tf import sinkhorn
+from rvs_tf.arguments import check
 from rvs_tf.models import FEATURES_LAYER
-from rvs_tf.training import RobustModel, _check
+from rvs_tf.training import RobustModel
 
 BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
@@ -38,12 +39,12 @@ class GeneratorGame(RobustModel):
                  ot_on="features", ot_epsilon=0.01, ot_cost_scale="mean", ot_max_iters=100,
                  ot_gradient="implicit", ot_debiased=False, feature_distance="sinkhorn", **kwargs):
         super().__init__(classifier, eps=eps, **kwargs)
-        _check(isinstance(generator, keras.Model),
-               f"generator: expected a keras.Model, got {type(generator).__name__}")
-        _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
-        _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
-        _check(feature_distance in FEATURE_DISTANCES,
-               f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
+        check(isinstance(generator, keras.Model),
+              f"generator: expected a keras.Model, got {type(generator).__name__}")
+        check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
+        check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
+        check(feature_distance in FEATURE_DISTANCES,
+              f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
         self.generator = generator
         self.feature_layer = feature_layer
         self.ot_weight = float(ot_weight)
@@ -168,13 +169,13 @@ class RVSModel(GeneratorGame):
                  clean_ce_weight=0.0, label_smoothing=0.5, rvs_update="alternating", **kwargs):
         super().__init__(classifier, generator, label_smoothing=label_smoothing, eps=eps, ot_weight=ot_weight,
                          **kwargs)
-        _check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
-        _check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
-        _check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
+        check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
+        check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
+        check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
         image_shape = tuple(classifier.input_shape[1:])
-        _check(tuple(generator.output_shape[1:]) == image_shape,
-               f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
-               f"classifier's input shape {image_shape}")
+        check(tuple(generator.output_shape[1:]) == image_shape,
+              f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
+              f"classifier's input shape {image_shape}")
         self.bound = bound
         self.random_start = bool(random_start)
         self.clean_ce_weight = float(clean_ce_weight)
