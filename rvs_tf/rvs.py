@@ -7,6 +7,8 @@ The RVS step (DESIGN.md section 1), per batch (x, y) with budget eps:
   classifier step: fresh z, x_adv as above (no gradient into G)
                    f <- f - lr * d(CE(f(x_adv), smooth(y)) + lambda * OT(h(x), h(x_adv)) + wd)/df
 """
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
@@ -19,6 +21,20 @@ BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
 FEATURE_DISTANCES = ("sinkhorn", "paired_mse")
 RVS_UPDATES = ("alternating", "simultaneous")
+class RVSStep(NamedTuple):
+    """What one RVS update reports, by name (the step's trackers read these).
+
+    loss: the classifier's total objective. ce, ot: its cross-entropy and transport terms.
+    generator_ot: the transport cost the generator ascended (`ot` when both players share one value).
+    clean_logits, logits: the classifier's logits on the clean and the synthesised batch.
+    """
+
+    loss: tf.Tensor
+    ce: tf.Tensor
+    ot: tf.Tensor
+    generator_ot: tf.Tensor
+    clean_logits: tf.Tensor
+    logits: tf.Tensor
 
 
 class GeneratorGame(RobustModel):
@@ -225,18 +241,18 @@ class RVSModel(GeneratorGame):
     def train_step(self, data):
         x, y = self.unpack(data)
         step = self.simultaneous_step if self.rvs_update == "simultaneous" else self.alternating_step
-        loss, ce, ot, generator_ot, clean_logits, logits = step(x, y, self.current_eps())
-        self.loss_tracker.update_state(loss)
-        self.ce_tracker.update_state(ce)
-        self.ot_tracker.update_state(ot)
-        self.generator_ot_tracker.update_state(generator_ot)
-        self.accuracy_tracker.update_state(y, clean_logits)
-        self.adv_accuracy_tracker.update_state(y, logits)
+        result = step(x, y, self.current_eps())
+        self.loss_tracker.update_state(result.loss)
+        self.ce_tracker.update_state(result.ce)
+        self.ot_tracker.update_state(result.ot)
+        self.generator_ot_tracker.update_state(result.generator_ot)
+        self.accuracy_tracker.update_state(y, result.clean_logits)
+        self.adv_accuracy_tracker.update_state(y, result.logits)
         validation_only = (self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker)
         return {m.name: m.result() for m in self.metrics if all(m is not v for v in validation_only)}
 
     def alternating_step(self, x, y, eps):
-        """The authors' update: a generator step, then a classifier step on a fresh z.
+        """The authors' update: a generator step, then a classifier step on a fresh z; an `RVSStep`.
 
         The generator step leaves the classifier's weights unchanged, so the clean forward pass is run
         once, under the classifier's tape, and its features serve both players: the authors run it twice.
@@ -257,10 +273,11 @@ class RVSModel(GeneratorGame):
             loss, ce, ot = self.classifier_objective(targets, clean_logits, clean, logits, adversarial)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(classifier_tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
-        return loss, ce, ot, (generator_ot if generator_variables else ot), clean_logits, logits
+        return RVSStep(loss, ce, ot, generator_ot if generator_variables else ot, clean_logits, logits)
 
     def simultaneous_step(self, x, y, eps):
-        """Both players' gradients at the same point, from one forward pass, applied together."""
+        """Both players' gradients at the same point, from one forward pass, applied together; an
+        `RVSStep`."""
         with tf.GradientTape(persistent=True) as tape:
             clean_logits, clean = self.heads(x)
             logits, adversarial = self.heads(self.synthesize(x, eps, stream=0))
@@ -275,4 +292,4 @@ class RVSModel(GeneratorGame):
         self.optimizer.apply_gradients(zip(classifier_grads, classifier_variables))
         if generator_variables:
             self.generator_optimizer.apply_gradients(zip(generator_grads, generator_variables))
-        return loss, ce, ot, ot, clean_logits, logits
+        return RVSStep(loss, ce, ot, ot, clean_logits, logits)
