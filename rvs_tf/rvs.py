@@ -21,6 +21,10 @@ BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
 FEATURE_DISTANCES = ("sinkhorn", "paired_mse")
 RVS_UPDATES = ("alternating", "simultaneous")
+# The Sinkhorn options a model takes as `ot_<name>` keyword arguments (the rest keep their defaults).
+OT_KEYWORDS = ("epsilon", "cost_scale", "max_iters", "gradient", "debiased")
+
+
 class RVSStep(NamedTuple):
     """What one RVS update reports, by name (the step's trackers read these).
 
@@ -48,7 +52,8 @@ class GeneratorGame(RobustModel):
       generator: the perturbation generator (a Keras model); `trainable = False` freezes it.
       feature_layer: the classifier's layer whose output the feature term compares.
       ot_weight, ot_on, ot_epsilon, ot_cost_scale, ot_max_iters, ot_gradient, ot_debiased,
-        feature_distance: the feature term (see `RVSModel`).
+        feature_distance: the feature term (see `RVSModel`); the `ot_*` Sinkhorn options are kept as one
+        `sinkhorn.SinkhornOptions`, `ot_options`.
     """
 
     def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, ot_weight=1.0,
@@ -66,12 +71,12 @@ class GeneratorGame(RobustModel):
         self.ot_weight = float(ot_weight)
         self.ot_on = ot_on
         self.feature_distance = feature_distance
-        self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
-                               max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
+        self.ot_options = sinkhorn.SinkhornOptions(  # validated here, before any step
+            epsilon=float(ot_epsilon), cost_scale=ot_cost_scale, max_iters=int(ot_max_iters),
+            gradient=ot_gradient, debiased=bool(ot_debiased))
         # A two-headed view of the classifier (logits, features) sharing its layers. It is not tracked as
         # a sub-layer, so saving stores the classifier's weights once, under `classifier`.
         object.__setattr__(self, "_two_headed", self._make_two_headed(classifier, feature_layer))
-        sinkhorn.entropic_ot(tf.zeros([2, 3]), tf.ones([2, 3]), **self.ot_options)  # validates options now
 
     @staticmethod
     def _make_two_headed(classifier, feature_layer):
@@ -92,7 +97,7 @@ class GeneratorGame(RobustModel):
             generator=keras.saving.serialize_keras_object(self.generator),
             feature_layer=self.feature_layer, ot_weight=self.ot_weight, ot_on=self.ot_on,
             feature_distance=self.feature_distance,
-            **{f"ot_{key}": value for key, value in self.ot_options.items()})
+            **{f"ot_{key}": getattr(self.ot_options, key) for key in OT_KEYWORDS})
         return config
 
     def _optimizers(self):
@@ -127,7 +132,7 @@ class GeneratorGame(RobustModel):
         "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i)."""
         if self.feature_distance == "paired_mse":
             return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
-        return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
+        return sinkhorn.entropic_ot(clean, adversarial, options=self.ot_options)
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
