@@ -17,7 +17,6 @@ RUNS_DIR = "runs"  # the default workdir is <RUNS_DIR>/<run name>
 RUN_NAME = "{dataset}_{method}"  # the default run name
 DATASETS = data.TFDS_DATASETS + data.LOCAL_DATASETS
 AUGMENTS = ("default", *data.AUGMENTATIONS)  # "default": the dataset's own
-COST_SCALE_WORDS = ("none", "mean", "max")
 
 
 def _setting(default):
@@ -49,7 +48,7 @@ def parse_drop_epochs(values):
     except (TypeError, ValueError):
         raise ValueError(f"lr_drop_epochs: expected a comma-separated list of epochs, got {values}") from None
     if any(e < 1 for e in epochs):
-        raise ValueError(f"lr_drop_epochs: epochs must be >= 1, got {values}")
+        raise ValueError(f"lr_drop_epochs: expected epochs >= 1, got {values}")
     return epochs
 
 

@@ -201,9 +201,9 @@ def squared_distances(x, y):
 def _points(x, name):
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
-        raise ValueError(f"{name} must be a float tensor, got dtype {x.dtype.name}")
+        raise ValueError(f"{name}: expected a float tensor, got dtype {x.dtype.name}")
     if x.shape.rank is not None and x.shape.rank != 2:
-        raise ValueError(f"{name} must have shape [points, features], got shape {x.shape}")
+        raise ValueError(f"{name}: expected shape [points, features], got shape {x.shape}")
     return tf.cast(x, tf.float32)
 
 
@@ -213,14 +213,14 @@ def _weights(w, size, name):
         return tf.fill([size], 1.0 / tf.cast(size, tf.float32))
     w = tf.cast(tf.convert_to_tensor(w), tf.float32)
     if w.shape.rank is not None and w.shape.rank != 1:
-        raise ValueError(f"{name} must be a vector of weights, got shape {w.shape}")
+        raise ValueError(f"{name}: expected a vector of weights, got shape {w.shape}")
     static = tf.get_static_value(size)
     if w.shape[0] is not None and static is not None and w.shape[0] != static:
-        raise ValueError(f"{name} must have one weight per point ({static}), got {w.shape[0]}")
+        raise ValueError(f"{name}: expected one weight per point ({static}), got {w.shape[0]}")
     if tf.executing_eagerly():
         values = w.numpy()
         if not np.all(np.isfinite(values)) or np.any(values < 0) or not values.sum() > 0:
-            raise ValueError(f"{name} must be finite, non-negative and not all zero")
+            raise ValueError(f"{name}: expected finite, non-negative weights, not all zero")
     total = tf.reduce_sum(w)
     return w / total
 
@@ -330,7 +330,7 @@ def _epsilon_scale(cost, a, b, cost_scale):
 def _prepare(x, y, a, b):
     x, y = _points(x, "x"), _points(y, "y")
     if x.shape[-1] is not None and y.shape[-1] is not None and x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must have the same feature size, got {x.shape} and {y.shape}")
+        raise ValueError(f"x, y: expected the same feature size, got {x.shape} and {y.shape}")
     n = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
     m = y.shape[0] if y.shape[0] is not None else tf.shape(y)[0]
     return x, y, _weights(a, n, "a"), _weights(b, m, "b")
