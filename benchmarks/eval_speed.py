@@ -34,45 +34,29 @@ FLAGS = flags.FLAGS
 
 
 def _train(kind, path):
+    """The small CNN of `kind`, trained as rvs-train would (rvs_tf.builder: natural, or FGSM-RS for
+    fast_at) with Adam 1e-3 and no weight decay, or loaded from `path` when cached there."""
     import keras
     import tensorflow as tf
 
+    from rvs_tf.builder import build_model
     from rvs_tf.data import DEFAULT_IDX_DIR, load_idx_arrays
-    from rvs_tf.models import small_cnn
+    from rvs_tf.run_config import RunConfig
 
     if os.path.exists(path):
         return keras.saving.load_model(path, compile=False)
     keras.utils.set_random_seed(0)
     x, y = load_idx_arrays(DEFAULT_IDX_DIR, "train")
-    model = small_cnn()
-    opt = keras.optimizers.Adam(1e-3)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    eps = FLAGS.eps
-
-    @tf.function
-    def step(xb, yb):
-        if kind == "fast_at":  # FGSM from a random start, step 1.25 eps (Wong et al. 2020)
-            start = tf.clip_by_value(xb + tf.random.uniform(tf.shape(xb), -eps, eps), 0.0, 1.0)
-            with tf.GradientTape() as tape:
-                tape.watch(start)
-                inner = loss_fn(yb, model(start, training=True))
-            step_up = 1.25 * eps * tf.sign(tape.gradient(inner, start))
-            xb = tf.clip_by_value(start + step_up, xb - eps, xb + eps)
-            xb = tf.clip_by_value(xb, 0.0, 1.0)
-        with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
-
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(60000, seed=0).batch(128)
+    config = RunConfig(method="natural" if kind == "natural" else "fgsm_rs", eps=FLAGS.eps, optimizer="adam",
+                       lr=1e-3, weight_decay=0.0)  # fast_at: FGSM from a random start, step 1.25 eps
+    model = build_model(config, x.shape[1:], 10, steps_per_epoch=len(ds))
     t0 = time.perf_counter()
-    for _ in range(FLAGS.epochs):
-        for xb, yb in ds:
-            step(xb, yb)
+    model.fit(ds, epochs=FLAGS.epochs, verbose=0)
     print(f"trained {kind} small CNN in {time.perf_counter() - t0:.0f} s")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    model.save(path)
-    return model
+    model.classifier.save(path)
+    return model.classifier
 
 
 def _art_cascade(logits_fn, x, y, eps):

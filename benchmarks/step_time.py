@@ -5,6 +5,7 @@
   python benchmarks/step_time.py --quick         # fewer rounds (a smoke run)
   python benchmarks/step_time.py --jit           # also each method with jit_compile=True
 
+Each model is the one rvs-train builds for that method (rvs_tf.builder, RunConfig's defaults but lr 0.01).
 Steps of all methods are timed round-robin (one step of each per round, medians over rounds), so machine
 noise hits them alike; figures are ratios to the natural step of the same model and batch. The share of an
 RVS step spent in the OT terms and in the generator is measured by timing those pieces alone (forward and
@@ -22,12 +23,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from rvs_tf import baselines, models  # noqa: E402
-from rvs_tf.learned_init import RVSInitModel  # noqa: E402
-from rvs_tf.training import RVSModel  # noqa: E402
+from rvs_tf.builder import build_model  # noqa: E402
+from rvs_tf.run_config import RunConfig  # noqa: E402
 
-METHODS = ("natural", "fgsm_rs", "nfgsm", "fgsm_pgi", "rvs_init", "pgd10", "trades", "rvs_alternating",
-           "rvs_simultaneous")
 GOALS = {  # (model, method): the largest ratio to natural allowed, and to PGD-10
     ("small_cnn", "rvs_simultaneous"): (3.0, 0.30),
     ("small_cnn", "rvs_alternating"): (3.0, 0.35),
@@ -38,28 +36,22 @@ GOALS = {  # (model, method): the largest ratio to natural allowed, and to PGD-1
 }
 
 
-def build(method, arch, shape, jit):
+# Each benchmark name as the rvs-train run it times: everything else is RunConfig's defaults (the CLI's).
+# rvs_init takes FGSM-SDI's Adam generator; every lr is 0.01 (timing does not depend on it).
+CONFIGS = {"natural": dict(method="natural"), "fgsm_rs": dict(method="fgsm_rs"), "nfgsm": dict(method="nfgsm"),
+           "fgsm_pgi": dict(method="fgsm_pgi"), "pgd10": dict(method="pgd", pgd_steps=10),
+           "trades": dict(method="trades"), "rvs_init": dict(method="rvs_init", generator_optimizer="adam",
+                                                            generator_lr=1e-3),
+           "rvs_alternating": dict(method="rvs", rvs_update="alternating"),
+           "rvs_simultaneous": dict(method="rvs", rvs_update="simultaneous")}
+
+
+def build(method, arch, shape, jit, batch):
+    """The model rvs-train builds for `method` (rvs_tf.builder), at this shape and batch."""
     keras.utils.set_random_seed(0)
-    classifier = models.build_classifier(arch, shape, 10)
-    common = dict(eps=8 / 255 if shape[-1] == 3 else 0.1)
-    if method == "rvs_init":
-        model = RVSInitModel(classifier, models.make_init_generator(shape), generator_every=20, **common)
-        model.compile(classifier_optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      generator_optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit)
-        return model
-    if method.startswith("rvs"):
-        width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
-        model = RVSModel(classifier, models.make_generator(width, shape), rvs_update=method.split("_")[1],
-                         **common)
-        model.compile(classifier_optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit)
-        return model
-    cls = {"natural": baselines.NaturalModel, "fgsm_rs": baselines.FGSMRSModel, "nfgsm": baselines.NFGSMModel,
-           "fgsm_pgi": baselines.FGSMPGIModel, "pgd10": baselines.PGDATModel,
-           "trades": baselines.TRADESModel}[method]
-    model = cls(classifier, **common)
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=jit)
-    return model
+    config = RunConfig(arch=arch, eps=8 / 255 if shape[-1] == 3 else 0.1, lr=0.01, batch_size=batch,
+                       jit_compile=jit, **CONFIGS[method])
+    return build_model(config, shape, 10, steps_per_epoch=1000)
 
 
 def time_steps(models_by_name, x, y, rounds):
@@ -111,9 +103,9 @@ def run(arch, shape, batch, rounds, jit):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(batch, *shape)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, batch))
-    built = {m: build(m, arch, shape, jit=False) for m in METHODS}
+    built = {m: build(m, arch, shape, jit=False, batch=batch) for m in CONFIGS}
     if jit:
-        built.update({f"{m}+xla": build(m, arch, shape, jit=True) for m in METHODS})
+        built.update({f"{m}+xla": build(m, arch, shape, jit=True, batch=batch) for m in CONFIGS})
     seconds = time_steps(built, x, y, rounds)
     for name in [n for n in built if n.startswith("rvs_init")]:  # + its generator step, amortised over k
         seconds[name] += generator_step_time(built[name], x, y, rounds) / built[name].generator_every

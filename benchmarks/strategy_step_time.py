@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/strategy_step_time.py --strategies=default --precisions=float32
 
 Each cell runs in its own process (the dtype policy, logical devices and strategy are process-wide): the
-small CNN and generator on Fashion-MNIST-shaped random data, global batch --batch_size, the authors' step
-(100 Sinkhorn iterations cap), --warmup steps to trace and compile, then the median of --steps step times.
+small CNN and generator that rvs-train builds (rvs_tf.builder) on Fashion-MNIST-shaped random data, global
+batch --batch_size, the authors' step (100 Sinkhorn iterations cap), --warmup steps to trace and compile,
+then the median of --steps step times.
 Prints a Markdown table with each cell's ratio to default/float32/no-XLA. Under a strategy with several
 replicas `jit_compile=True` is turned off by RobustModel.compile, so those cells say so instead of timing.
 """
@@ -39,19 +40,18 @@ def time_cell(cell):
     import keras
     import numpy as np
 
-    from rvs_tf import distribute, models
-    from rvs_tf.training import RVSModel
+    from rvs_tf import distribute
+    from rvs_tf.builder import build_model
+    from rvs_tf.run_config import RunConfig
 
     distribute.set_mixed_precision(cell["precision"])
     strategy = distribute.get_strategy(cell["strategy"], devices=["/cpu:0", "/cpu:1"]
                                        if cell["strategy"] == "mirrored" else None)
     keras.utils.set_random_seed(0)
-    with strategy.scope():
-        classifier = models.build_classifier("small_cnn", (28, 28, 1), 10)
-        model = RVSModel(classifier, models.make_generator(128, (28, 28, 1)), eps=0.1)
-        model.compile(classifier_optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                      jit_compile=cell["jit"])
+    config = RunConfig(method="rvs", eps=0.1, lr=0.01, batch_size=FLAGS.batch_size, jit_compile=cell["jit"],
+                       mixed_precision=cell["precision"], strategy=cell["strategy"])
+    with strategy.scope():  # the model rvs-train builds (rvs_tf.builder)
+        model = build_model(config, (28, 28, 1), 10, steps_per_epoch=1000)
     if cell["jit"] and not model.jit_compile:
         return {**cell, "step_ms": None, "note": "jit turned off (several replicas)"}
     rng = np.random.default_rng(0)

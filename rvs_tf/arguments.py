@@ -8,3 +8,10 @@ def check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return value
+
+
+def check(condition, message):
+    """Raise ValueError(message) unless `condition`: the one-line form of the checks above, for the
+    constructors' many argument checks (the message names the argument: "name: expected ..., got ...")."""
+    if not condition:
+        raise ValueError(message)

@@ -23,8 +23,9 @@ term at once.
 import keras
 import tensorflow as tf
 
+from rvs_tf.arguments import check
 from rvs_tf.attacks import ball
-from rvs_tf.training import RobustModel, _check
+from rvs_tf.training import RobustModel
 
 
 def input_gradient(loss_fn, images):
@@ -79,7 +80,7 @@ class FGSMRSModel(NaturalModel):
 
     def __init__(self, classifier, *, step_ratio=1.25, **kwargs):
         super().__init__(classifier, **kwargs)
-        _check(float(step_ratio) > 0, f"step_ratio: expected > 0, got {step_ratio}")
+        check(float(step_ratio) > 0, f"step_ratio: expected > 0, got {step_ratio}")
         self.step_ratio = float(step_ratio)
 
     def get_config(self):
@@ -99,8 +100,8 @@ class PGDATModel(FGSMRSModel):
 
     def __init__(self, classifier, *, steps=10, step_size=None, **kwargs):
         super().__init__(classifier, **kwargs)
-        _check(int(steps) >= 1, f"steps: expected >= 1, got {steps}")
-        _check(step_size is None or float(step_size) > 0, f"step_size: expected > 0, got {step_size}")
+        check(int(steps) >= 1, f"steps: expected >= 1, got {steps}")
+        check(step_size is None or float(step_size) > 0, f"step_size: expected > 0, got {step_size}")
         self.steps = int(steps)
         self.step_size = None if step_size is None else float(step_size)
 
@@ -119,7 +120,7 @@ class TRADESModel(PGDATModel):
 
     def __init__(self, classifier, *, beta=6.0, steps=10, step_size=None, **kwargs):
         super().__init__(classifier, steps=steps, step_size=step_size, **kwargs)
-        _check(float(beta) >= 0, f"beta: expected >= 0, got {beta}")
+        check(float(beta) >= 0, f"beta: expected >= 0, got {beta}")
         self.beta = float(beta)
 
     def get_config(self):
@@ -167,7 +168,7 @@ class NFGSMModel(FGSMRSModel):
 
     def __init__(self, classifier, *, noise_ratio=2.0, step_ratio=1.0, **kwargs):
         super().__init__(classifier, step_ratio=step_ratio, **kwargs)
-        _check(float(noise_ratio) >= 0, f"noise_ratio: expected >= 0, got {noise_ratio}")
+        check(float(noise_ratio) >= 0, f"noise_ratio: expected >= 0, got {noise_ratio}")
         self.noise_ratio = float(noise_ratio)
 
     def get_config(self):
@@ -203,10 +204,10 @@ class FGSMPGIModel(FGSMRSModel):
     def __init__(self, classifier, *, step_ratio=1.0, pairing_weight=10.0, prior_momentum=0.3,
                  prior_capacity=512, **kwargs):
         super().__init__(classifier, step_ratio=step_ratio, **kwargs)
-        _check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
-        _check(0.0 <= float(prior_momentum) < 1.0,
-               f"prior_momentum: expected 0 <= value < 1, got {prior_momentum}")
-        _check(int(prior_capacity) >= 1, f"prior_capacity: expected >= 1, got {prior_capacity}")
+        check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
+        check(0.0 <= float(prior_momentum) < 1.0,
+              f"prior_momentum: expected 0 <= value < 1, got {prior_momentum}")
+        check(int(prior_capacity) >= 1, f"prior_capacity: expected >= 1, got {prior_capacity}")
         self.pairing_weight = float(pairing_weight)
         self.prior_momentum = float(prior_momentum)
         self.prior_capacity = int(prior_capacity)

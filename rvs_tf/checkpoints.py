@@ -28,6 +28,8 @@ STATE_FILE = "state.json"
 # Written into a training workdir when a run ends; what rvs-export reads.
 CLASSIFIER_FILE = "best_classifier.keras"
 WORKDIR_METADATA_FILE = "metadata.json"
+CONFIG_FILE = "config.json"  # the run's settings (RunConfig.record), which a resumed run must match
+EXPORT_RECORD_FILE = "export.json"  # where the run's best classifier was last exported, and which epoch
 
 
 def _fsync(path):
@@ -77,6 +79,29 @@ def write_json_atomic(path, data):
     except OSError as error:
         _remove(temporary)
         raise write_error(path, error, kept="its previous version is kept") from error
+
+
+def read_json(path, default=None):
+    """The JSON value in `path`, or `default` when the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return default
+
+
+def save_classifier(classifier, workdir, metadata):
+    """The best classifier as a .keras file and its metadata, beside the checkpoints (what rvs-export
+    reads), each written to a temporary name first."""
+    temporary = os.path.join(workdir, ".tmp-" + CLASSIFIER_FILE)
+    path = os.path.join(workdir, CLASSIFIER_FILE)
+    try:
+        classifier.save(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        _remove(temporary)
+        raise write_error(path, error, kept="its previous version is kept") from error
+    write_json_atomic(os.path.join(workdir, WORKDIR_METADATA_FILE), metadata)
 
 
 def read_state(directory):

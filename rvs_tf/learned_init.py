@@ -17,10 +17,10 @@ run on the classifier in inference mode, so crafting never moves BatchNorm stati
 import keras
 import tensorflow as tf
 
+from rvs_tf.arguments import check
 from rvs_tf.attacks import ball
 from rvs_tf.baselines import input_gradient
 from rvs_tf.rvs import GeneratorGame
-from rvs_tf.training import _check
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
@@ -55,16 +55,16 @@ class RVSInitModel(GeneratorGame):
                  ot_weight=0.0, label_smoothing=0.0, start_ratio=1.0, project=True, **kwargs):
         super().__init__(classifier, generator, eps=eps, ot_weight=ot_weight, label_smoothing=label_smoothing,
                          **kwargs)
-        _check(float(step_ratio) > 0, f"step_ratio: expected > 0, got {step_ratio}")
-        _check(float(start_ratio) > 0, f"start_ratio: expected > 0, got {start_ratio}")
-        _check(int(generator_every) >= 1, f"generator_every: expected >= 1, got {generator_every}")
-        _check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
+        check(float(step_ratio) > 0, f"step_ratio: expected > 0, got {step_ratio}")
+        check(float(start_ratio) > 0, f"start_ratio: expected > 0, got {start_ratio}")
+        check(int(generator_every) >= 1, f"generator_every: expected >= 1, got {generator_every}")
+        check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
         image_shape = tuple(classifier.input_shape[1:])
         in_shape, out_shape = tuple(generator.input_shape[1:]), tuple(generator.output_shape[1:])
-        _check(out_shape == image_shape and len(in_shape) == 3 and in_shape[:2] == image_shape[:2]
-               and in_shape[2] >= 2 * image_shape[2],
-               f"generator: expected input [H, W, 2C + noise channels] and output [H, W, C] for images "
-               f"{image_shape}, got input {in_shape} and output {out_shape} (see models.make_init_generator)")
+        check(out_shape == image_shape and len(in_shape) == 3 and in_shape[:2] == image_shape[:2]
+              and in_shape[2] >= 2 * image_shape[2],
+              f"generator: expected input [H, W, 2C + noise channels] and output [H, W, C] for images "
+              f"{image_shape}, got input {in_shape} and output {out_shape} (see models.make_init_generator)")
         self.step_ratio = float(step_ratio)
         self.start_ratio = float(start_ratio)
         self.project = bool(project)

@@ -7,17 +7,38 @@ The RVS step (DESIGN.md section 1), per batch (x, y) with budget eps:
   classifier step: fresh z, x_adv as above (no gradient into G)
                    f <- f - lr * d(CE(f(x_adv), smooth(y)) + lambda * OT(h(x), h(x_adv)) + wd)/df
 """
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
 from rvs_tf import sinkhorn
+from rvs_tf.arguments import check
 from rvs_tf.models import FEATURES_LAYER
-from rvs_tf.training import RobustModel, _check
+from rvs_tf.training import RobustModel
 
 BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
 FEATURE_DISTANCES = ("sinkhorn", "paired_mse")
 RVS_UPDATES = ("alternating", "simultaneous")
+# The Sinkhorn options a model takes as `ot_<name>` keyword arguments (the rest keep their defaults).
+OT_KEYWORDS = ("epsilon", "cost_scale", "max_iters", "gradient", "debiased")
+
+
+class RVSStep(NamedTuple):
+    """What one RVS update reports, by name (the step's trackers read these).
+
+    loss: the classifier's total objective. ce, ot: its cross-entropy and transport terms.
+    generator_ot: the transport cost the generator ascended (`ot` when both players share one value).
+    clean_logits, logits: the classifier's logits on the clean and the synthesised batch.
+    """
+
+    loss: tf.Tensor
+    ce: tf.Tensor
+    ot: tf.Tensor
+    generator_ot: tf.Tensor
+    clean_logits: tf.Tensor
+    logits: tf.Tensor
 
 
 class GeneratorGame(RobustModel):
@@ -31,30 +52,31 @@ class GeneratorGame(RobustModel):
       generator: the perturbation generator (a Keras model); `trainable = False` freezes it.
       feature_layer: the classifier's layer whose output the feature term compares.
       ot_weight, ot_on, ot_epsilon, ot_cost_scale, ot_max_iters, ot_gradient, ot_debiased,
-        feature_distance: the feature term (see `RVSModel`).
+        feature_distance: the feature term (see `RVSModel`); the `ot_*` Sinkhorn options are kept as one
+        `sinkhorn.SinkhornOptions`, `ot_options`.
     """
 
     def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, ot_weight=1.0,
                  ot_on="features", ot_epsilon=0.01, ot_cost_scale="mean", ot_max_iters=100,
                  ot_gradient="implicit", ot_debiased=False, feature_distance="sinkhorn", **kwargs):
         super().__init__(classifier, eps=eps, **kwargs)
-        _check(isinstance(generator, keras.Model),
-               f"generator: expected a keras.Model, got {type(generator).__name__}")
-        _check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
-        _check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
-        _check(feature_distance in FEATURE_DISTANCES,
-               f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
+        check(isinstance(generator, keras.Model),
+              f"generator: expected a keras.Model, got {type(generator).__name__}")
+        check(ot_on in OT_TARGETS, f"ot_on: expected one of {OT_TARGETS}, got {ot_on!r}")
+        check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
+        check(feature_distance in FEATURE_DISTANCES,
+              f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
         self.generator = generator
         self.feature_layer = feature_layer
         self.ot_weight = float(ot_weight)
         self.ot_on = ot_on
         self.feature_distance = feature_distance
-        self.ot_options = dict(epsilon=float(ot_epsilon), cost_scale=ot_cost_scale,
-                               max_iters=int(ot_max_iters), gradient=ot_gradient, debiased=bool(ot_debiased))
+        self.ot_options = sinkhorn.SinkhornOptions(  # validated here, before any step
+            epsilon=float(ot_epsilon), cost_scale=ot_cost_scale, max_iters=int(ot_max_iters),
+            gradient=ot_gradient, debiased=bool(ot_debiased))
         # A two-headed view of the classifier (logits, features) sharing its layers. It is not tracked as
         # a sub-layer, so saving stores the classifier's weights once, under `classifier`.
         object.__setattr__(self, "_two_headed", self._make_two_headed(classifier, feature_layer))
-        sinkhorn.entropic_ot(tf.zeros([2, 3]), tf.ones([2, 3]), **self.ot_options)  # validates options now
 
     @staticmethod
     def _make_two_headed(classifier, feature_layer):
@@ -75,7 +97,7 @@ class GeneratorGame(RobustModel):
             generator=keras.saving.serialize_keras_object(self.generator),
             feature_layer=self.feature_layer, ot_weight=self.ot_weight, ot_on=self.ot_on,
             feature_distance=self.feature_distance,
-            **{f"ot_{key}": value for key, value in self.ot_options.items()})
+            **{f"ot_{key}": getattr(self.ot_options, key) for key in OT_KEYWORDS})
         return config
 
     def _optimizers(self):
@@ -110,7 +132,7 @@ class GeneratorGame(RobustModel):
         "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i)."""
         if self.feature_distance == "paired_mse":
             return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
-        return sinkhorn.entropic_ot(clean, adversarial, **self.ot_options)
+        return sinkhorn.entropic_ot(clean, adversarial, options=self.ot_options)
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
@@ -168,13 +190,13 @@ class RVSModel(GeneratorGame):
                  clean_ce_weight=0.0, label_smoothing=0.5, rvs_update="alternating", **kwargs):
         super().__init__(classifier, generator, label_smoothing=label_smoothing, eps=eps, ot_weight=ot_weight,
                          **kwargs)
-        _check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
-        _check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
-        _check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
+        check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
+        check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
+        check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
         image_shape = tuple(classifier.input_shape[1:])
-        _check(tuple(generator.output_shape[1:]) == image_shape,
-               f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
-               f"classifier's input shape {image_shape}")
+        check(tuple(generator.output_shape[1:]) == image_shape,
+              f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
+              f"classifier's input shape {image_shape}")
         self.bound = bound
         self.random_start = bool(random_start)
         self.clean_ce_weight = float(clean_ce_weight)
@@ -224,18 +246,18 @@ class RVSModel(GeneratorGame):
     def train_step(self, data):
         x, y = self.unpack(data)
         step = self.simultaneous_step if self.rvs_update == "simultaneous" else self.alternating_step
-        loss, ce, ot, generator_ot, clean_logits, logits = step(x, y, self.current_eps())
-        self.loss_tracker.update_state(loss)
-        self.ce_tracker.update_state(ce)
-        self.ot_tracker.update_state(ot)
-        self.generator_ot_tracker.update_state(generator_ot)
-        self.accuracy_tracker.update_state(y, clean_logits)
-        self.adv_accuracy_tracker.update_state(y, logits)
+        result = step(x, y, self.current_eps())
+        self.loss_tracker.update_state(result.loss)
+        self.ce_tracker.update_state(result.ce)
+        self.ot_tracker.update_state(result.ot)
+        self.generator_ot_tracker.update_state(result.generator_ot)
+        self.accuracy_tracker.update_state(y, result.clean_logits)
+        self.adv_accuracy_tracker.update_state(y, result.logits)
         validation_only = (self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker)
         return {m.name: m.result() for m in self.metrics if all(m is not v for v in validation_only)}
 
     def alternating_step(self, x, y, eps):
-        """The authors' update: a generator step, then a classifier step on a fresh z.
+        """The authors' update: a generator step, then a classifier step on a fresh z; an `RVSStep`.
 
         The generator step leaves the classifier's weights unchanged, so the clean forward pass is run
         once, under the classifier's tape, and its features serve both players: the authors run it twice.
@@ -256,10 +278,11 @@ class RVSModel(GeneratorGame):
             loss, ce, ot = self.classifier_objective(targets, clean_logits, clean, logits, adversarial)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(classifier_tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
-        return loss, ce, ot, (generator_ot if generator_variables else ot), clean_logits, logits
+        return RVSStep(loss, ce, ot, generator_ot if generator_variables else ot, clean_logits, logits)
 
     def simultaneous_step(self, x, y, eps):
-        """Both players' gradients at the same point, from one forward pass, applied together."""
+        """Both players' gradients at the same point, from one forward pass, applied together; an
+        `RVSStep`."""
         with tf.GradientTape(persistent=True) as tape:
             clean_logits, clean = self.heads(x)
             logits, adversarial = self.heads(self.synthesize(x, eps, stream=0))
@@ -274,4 +297,4 @@ class RVSModel(GeneratorGame):
         self.optimizer.apply_gradients(zip(classifier_grads, classifier_variables))
         if generator_variables:
             self.generator_optimizer.apply_gradients(zip(generator_grads, generator_variables))
-        return loss, ce, ot, ot, clean_logits, logits
+        return RVSStep(loss, ce, ot, ot, clean_logits, logits)

@@ -74,17 +74,91 @@ column marginal and approximate on the row marginal, and the cost is still finit
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SinkhornResult", "solve", "entropic_ot", "transport_plan", "squared_distances"]
+__all__ = ["SinkhornOptions", "SinkhornResult", "solve", "entropic_ot", "transport_plan", "squared_distances"]
 
 DEFAULT_TOLERANCE = 1e-4
-_GRADIENTS = ("implicit", "unrolled")
-_COST_SCALES = (None, "mean", "max")
+GRADIENTS = ("implicit", "unrolled")
+COST_SCALES = (None, "mean", "max")
+
+
+def _positive_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value):
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkhornOptions:
+    """The solver's settings in one validated object (as OTT-JAX's `Sinkhorn` solver holds them), so a
+    model keeps them together and every entry point refuses bad values alike.
+
+    `entropic_ot(x, y, options=opts)`; keyword arguments override fields (`entropic_ot(x, y, epsilon=0.1)`
+    is `entropic_ot(x, y, options=SinkhornOptions(epsilon=0.1))`). The module docstring explains each.
+
+    Args:
+      epsilon: regularisation, relative to the `cost_scale` statistic of C, or absolute when
+        `cost_scale` is None; a scalar tensor (a schedule) is accepted and not validated.
+      cost_scale: None, "mean", "max" or a number > 0.
+      max_iters: hard cap on Sinkhorn iterations.
+      tolerance: L1 row-marginal error to stop at (>= 0).
+      gradient: "implicit" (envelope, constant memory) or "unrolled" (through every iteration).
+      debiased: `entropic_ot` returns the Sinkhorn divergence of the regularised values instead.
+      epsilon_scaling: None or a decay in (0, 1) for coarse-to-fine epsilon.
+      check_every: iterations between convergence tests.
+    """
+
+    epsilon: Union[float, tf.Tensor] = 0.01
+    cost_scale: Union[str, float, None] = "mean"
+    max_iters: int = 100
+    tolerance: float = DEFAULT_TOLERANCE
+    gradient: str = "implicit"
+    debiased: bool = False
+    epsilon_scaling: Union[float, None] = None
+    check_every: int = 10
+
+    def __post_init__(self):
+        checks = (
+            (self.gradient in GRADIENTS, "gradient", f"one of {GRADIENTS}", self.gradient),
+            (not _number(self.epsilon) or self.epsilon > 0, "epsilon", "a number > 0", self.epsilon),
+            (_positive_int(self.max_iters), "max_iters", "an integer >= 1", self.max_iters),
+            (_positive_int(self.check_every), "check_every", "an integer >= 1", self.check_every),
+            (_number(self.tolerance) and self.tolerance >= 0, "tolerance", "a number >= 0", self.tolerance),
+            (self.cost_scale in COST_SCALES if isinstance(self.cost_scale, str) or self.cost_scale is None
+             else _number(self.cost_scale) and self.cost_scale > 0,
+             "cost_scale", "None, 'mean', 'max' or a number > 0", self.cost_scale),
+            (self.epsilon_scaling is None or (isinstance(self.epsilon_scaling, (float, np.floating))
+                                              and 0 < self.epsilon_scaling < 1),
+             "epsilon_scaling", "None or a float in (0, 1)", self.epsilon_scaling),
+        )
+        for valid, name, expected, value in checks:
+            if not valid:
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+    def replace(self, **changes):
+        """A copy with `changes` applied (and validated)."""
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"Sinkhorn options: unexpected {', '.join(unknown)}; expected some of "
+                            f"{', '.join(field.name for field in dataclasses.fields(self))}")
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def _resolve(options, overrides):
+    """`options` (default: SinkhornOptions()) with the keyword overrides of a public call applied."""
+    if options is None:
+        return SinkhornOptions().replace(**overrides)
+    if not isinstance(options, SinkhornOptions):
+        raise ValueError(f"options: expected a SinkhornOptions, got {type(options).__name__}")
+    return options.replace(**overrides)
 
 
 class SinkhornResult(NamedTuple):
@@ -124,33 +198,12 @@ def squared_distances(x, y):
 
 
 # ----------------------------------------------------------------------------------------- checks
-def _check_options(epsilon, max_iters, tolerance, cost_scale, epsilon_scaling, check_every, gradient):
-    if gradient not in _GRADIENTS:
-        raise ValueError(f"gradient must be one of {_GRADIENTS}, got {gradient!r}")
-    if isinstance(epsilon, (int, float, np.floating, np.integer)) and not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
-    if not isinstance(max_iters, (int, np.integer)) or isinstance(max_iters, bool) or max_iters < 1:
-        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
-    if not isinstance(check_every, (int, np.integer)) or isinstance(check_every, bool) or check_every < 1:
-        raise ValueError(f"check_every must be a positive int, got {check_every!r}")
-    if not isinstance(tolerance, (int, float, np.floating)) or not tolerance >= 0:
-        raise ValueError(f"tolerance must be a float >= 0, got {tolerance!r}")
-    if isinstance(cost_scale, str) or cost_scale is None:
-        if cost_scale not in _COST_SCALES:
-            raise ValueError(f"cost_scale must be None, 'mean', 'max' or a float > 0, got {cost_scale!r}")
-    elif not isinstance(cost_scale, (int, float, np.floating)) or not cost_scale > 0:
-        raise ValueError(f"cost_scale must be None, 'mean', 'max' or a float > 0, got {cost_scale!r}")
-    if epsilon_scaling is not None and not (
-            isinstance(epsilon_scaling, (float, np.floating)) and 0 < epsilon_scaling < 1):
-        raise ValueError(f"epsilon_scaling must be None or a float in (0, 1), got {epsilon_scaling!r}")
-
-
 def _points(x, name):
     x = tf.convert_to_tensor(x)
     if not x.dtype.is_floating:
-        raise ValueError(f"{name} must be a float tensor, got dtype {x.dtype.name}")
+        raise ValueError(f"{name}: expected a float tensor, got dtype {x.dtype.name}")
     if x.shape.rank is not None and x.shape.rank != 2:
-        raise ValueError(f"{name} must have shape [points, features], got shape {x.shape}")
+        raise ValueError(f"{name}: expected shape [points, features], got shape {x.shape}")
     return tf.cast(x, tf.float32)
 
 
@@ -160,14 +213,14 @@ def _weights(w, size, name):
         return tf.fill([size], 1.0 / tf.cast(size, tf.float32))
     w = tf.cast(tf.convert_to_tensor(w), tf.float32)
     if w.shape.rank is not None and w.shape.rank != 1:
-        raise ValueError(f"{name} must be a vector of weights, got shape {w.shape}")
+        raise ValueError(f"{name}: expected a vector of weights, got shape {w.shape}")
     static = tf.get_static_value(size)
     if w.shape[0] is not None and static is not None and w.shape[0] != static:
-        raise ValueError(f"{name} must have one weight per point ({static}), got {w.shape[0]}")
+        raise ValueError(f"{name}: expected one weight per point ({static}), got {w.shape[0]}")
     if tf.executing_eagerly():
         values = w.numpy()
         if not np.all(np.isfinite(values)) or np.any(values < 0) or not values.sum() > 0:
-            raise ValueError(f"{name} must be finite, non-negative and not all zero")
+            raise ValueError(f"{name}: expected finite, non-negative weights, not all zero")
     total = tf.reduce_sum(w)
     return w / total
 
@@ -224,28 +277,28 @@ def _traced_loop(ratio, max_iters, check_every, tolerance):
                                               scalar, scalar])
 
 
-def _solve_cost(cost, a, b, scale, *, epsilon, max_iters, tolerance, epsilon_scaling, check_every,
-                gradient):
+def _solve_cost(cost, a, b, scale, options):
     """Solve on a feature-unit cost with weights a, b and the (stop-gradient) epsilon scale `scale`."""
     log_a, log_b = _log(a), _log(b)
     scaled = cost / scale
-    eps = tf.cast(epsilon, tf.float32)
+    eps = tf.cast(options.epsilon, tf.float32)
     eps_start = tf.stop_gradient(tf.reduce_max(scaled))
     loop_in = (scaled, log_a, log_b)
-    if gradient == "implicit":
+    implicit = options.gradient == "implicit"
+    if implicit:
         loop_in = tuple(tf.stop_gradient(t) for t in loop_in)
-    options = (epsilon_scaling, int(max_iters), int(check_every), float(tolerance))
-    if tf.executing_eagerly() and gradient == "implicit":
-        f, g, iterations, last_eps = _traced_loop(*options)(*loop_in, eps, eps_start)
+    loop = (options.epsilon_scaling, int(options.max_iters), int(options.check_every), float(options.tolerance))
+    if tf.executing_eagerly() and implicit:
+        f, g, iterations, last_eps = _traced_loop(*loop)(*loop_in, eps, eps_start)
     else:
-        f, g, iterations, last_eps = _sinkhorn_loop(*loop_in, eps, eps_start, *options)
+        f, g, iterations, last_eps = _sinkhorn_loop(*loop_in, eps, eps_start, *loop)
     log_plan = loop_in[1][:, None] + loop_in[2][None, :] + (f[:, None] + g[None, :] - loop_in[0]) / eps
     # P_ij <= min(a_i, b_j) holds exactly; clamping to it keeps float32 rounding of f + g - C (large when
     # an absolute epsilon is tiny next to C) from overflowing exp.
     plan = tf.exp(tf.minimum(log_plan, tf.minimum(loop_in[1][:, None], loop_in[2][None, :])))
     f_abs, g_abs, eps_abs = f * scale, g * scale, eps * scale
     reg_cost = tf.reduce_sum(a * f_abs) + tf.reduce_sum(b * g_abs) - eps_abs * (tf.reduce_sum(plan) - 1.0)
-    if gradient == "implicit":
+    if implicit:
         plan, f_abs, g_abs = (tf.stop_gradient(t) for t in (plan, f_abs, g_abs))
         # Envelope theorem: value unchanged, gradients P for C, f for a, g for b.
         envelope = (tf.reduce_sum(f_abs * (a - tf.stop_gradient(a)))
@@ -256,7 +309,7 @@ def _solve_cost(cost, a, b, scale, *, epsilon, max_iters, tolerance, epsilon_sca
     else:
         sharp = tf.reduce_sum(plan * cost)
     error = tf.stop_gradient(tf.reduce_sum(tf.abs(tf.reduce_sum(plan, 1) - a)))
-    converged = tf.logical_and(error <= tolerance, last_eps <= eps)
+    converged = tf.logical_and(error <= options.tolerance, last_eps <= eps)
     return SinkhornResult(sharp, reg_cost, plan, f_abs, g_abs, iterations, converged, error, eps_abs)
 
 
@@ -277,63 +330,58 @@ def _epsilon_scale(cost, a, b, cost_scale):
 def _prepare(x, y, a, b):
     x, y = _points(x, "x"), _points(y, "y")
     if x.shape[-1] is not None and y.shape[-1] is not None and x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"x and y must have the same feature size, got {x.shape} and {y.shape}")
+        raise ValueError(f"x, y: expected the same feature size, got {x.shape} and {y.shape}")
     n = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]
     m = y.shape[0] if y.shape[0] is not None else tf.shape(y)[0]
     return x, y, _weights(a, n, "a"), _weights(b, m, "b")
 
 
 # ----------------------------------------------------------------------------------------- public API
-def solve(x, y, *, epsilon=0.01, a=None, b=None, max_iters=100, tolerance=DEFAULT_TOLERANCE,
-          cost_scale="mean", epsilon_scaling=None, check_every=10, gradient="implicit") -> SinkhornResult:
+def solve(x, y, *, a=None, b=None, options=None, **overrides) -> SinkhornResult:
     """Entropic OT between the rows of x [n, d] and y [m, d]; all outputs, see `SinkhornResult`.
 
-    Arguments are those of `entropic_ot` (see the module docstring for their meaning), less `debiased`.
+    Args:
+      x, y: point clouds [n, d] and [m, d] (any float dtype; computed in float32).
+      a, b: point weights [n], [m], uniform when None (normalised to sum to one).
+      options: a `SinkhornOptions` (default: its defaults); `overrides` replace its fields. `debiased`
+        does not apply: this is the x-y problem alone.
     """
-    _check_options(epsilon, max_iters, tolerance, cost_scale, epsilon_scaling, check_every, gradient)
+    options = _resolve(options, overrides)
+    if options.debiased:
+        raise ValueError("debiased: expected False for solve (the x-y problem alone); entropic_ot returns "
+                         "the debiased divergence")
     x, y, a, b = _prepare(x, y, a, b)
     cost = squared_distances(x, y)
-    scale = _epsilon_scale(cost, a, b, cost_scale)
-    return _solve_cost(cost, a, b, scale, epsilon=epsilon, max_iters=max_iters, tolerance=tolerance,
-                       epsilon_scaling=epsilon_scaling, check_every=check_every, gradient=gradient)
+    return _solve_cost(cost, a, b, _epsilon_scale(cost, a, b, options.cost_scale), options)
 
 
-def entropic_ot(x, y, *, epsilon=0.01, a=None, b=None, max_iters=100, tolerance=DEFAULT_TOLERANCE,
-                cost_scale="mean", debiased=False, gradient="implicit", epsilon_scaling=None,
-                check_every=10):
-    """Transport cost sum_ij P_ij ||x_i - y_j||^2 (float32 scalar, feature units) of entropic OT.
+def entropic_ot(x, y, *, a=None, b=None, options=None, **overrides):
+    """Transport cost sum_ij P_ij ||x_i - y_j||^2 (float32 scalar, feature units) of entropic OT, or
+    with `debiased` the Sinkhorn divergence OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2 of the
+    regularised values.
 
-    epsilon: regularisation, relative to the `cost_scale` statistic of C ("mean", "max", a float) or
-      absolute (None). a, b: point weights, uniform when None. max_iters: hard cap on iterations.
-    tolerance: L1 row-marginal error to stop at. debiased: return the Sinkhorn divergence
-      OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2 of the regularised values instead.
-    gradient: "implicit" (envelope, constant memory) or "unrolled" (through every iteration).
-    epsilon_scaling: None or a decay in (0, 1) for coarse-to-fine epsilon. check_every: iterations
-      between convergence tests.
+    Args:
+      x, y, a, b: as `solve`.
+      options: a `SinkhornOptions` (default: its defaults); `overrides` (epsilon=, max_iters=, ...)
+        replace its fields.
     """
-    options = dict(epsilon=epsilon, max_iters=max_iters, tolerance=tolerance,
-                   epsilon_scaling=epsilon_scaling, check_every=check_every, gradient=gradient)
-    _check_options(cost_scale=cost_scale, **options)
+    options = _resolve(options, overrides)
     x, y, a, b = _prepare(x, y, a, b)
     cost = squared_distances(x, y)
-    scale = _epsilon_scale(cost, a, b, cost_scale)
-    result = _solve_cost(cost, a, b, scale, **options)
-    if not debiased:
+    scale = _epsilon_scale(cost, a, b, options.cost_scale)
+    result = _solve_cost(cost, a, b, scale, options)
+    if not options.debiased:
         return result.cost
-    xx = _solve_cost(squared_distances(x, x), a, a, scale, **options)
-    yy = _solve_cost(squared_distances(y, y), b, b, scale, **options)
+    xx = _solve_cost(squared_distances(x, x), a, a, scale, options)
+    yy = _solve_cost(squared_distances(y, y), b, b, scale, options)
     return result.reg_cost - (xx.reg_cost + yy.reg_cost) / 2.0
 
 
-def transport_plan(x, y, *, epsilon=0.01, a=None, b=None, max_iters=100, tolerance=DEFAULT_TOLERANCE,
-                   cost_scale="mean", debiased=False, gradient="implicit", epsilon_scaling=None,
-                   check_every=10):
+def transport_plan(x, y, *, a=None, b=None, options=None, **overrides):
     """The plan P [n, m] of `entropic_ot` with the same arguments.
 
     `debiased` does not change the x-y plan and is accepted so both functions share one signature.
     With gradient="implicit" the plan carries no gradient (the envelope gradient is for values only).
     """
-    del debiased
-    return solve(x, y, epsilon=epsilon, a=a, b=b, max_iters=max_iters, tolerance=tolerance,
-                 cost_scale=cost_scale, epsilon_scaling=epsilon_scaling, check_every=check_every,
-                 gradient=gradient).plan
+    options = _resolve(options, overrides)
+    return solve(x, y, a=a, b=b, options=options.replace(debiased=False)).plan

@@ -9,12 +9,8 @@ import keras
 import tensorflow as tf
 
 from rvs_tf import attacks, guards
+from rvs_tf.arguments import check
 from rvs_tf.guards import FeatureCollapseError, NonFiniteError, NonFiniteGuard  # noqa: F401  (API)
-
-
-def _check(condition, message):
-    if not condition:
-        raise ValueError(message)
 
 
 def smooth_labels(labels, num_classes, smoothing):
@@ -59,17 +55,17 @@ class RobustModel(keras.Model):
     def __init__(self, classifier, *, eps, label_smoothing=0.0, weight_decay=0.0, eps_warmup_steps=0,
                  eval_pgd_steps=10, seed=0, **kwargs):
         super().__init__(**kwargs)
-        _check(isinstance(classifier, keras.Model),
-               f"classifier: expected a keras.Model, got {type(classifier).__name__}")
-        _check(hasattr(classifier, "output_shape"),
-               "classifier: expected a functional or Sequential Keras model (its input and output shapes "
-               "must be known); wrap a subclassed model in keras.Model(inputs, outputs)")
-        _check(0.0 < float(eps) <= 1.0, f"eps: expected 0 < eps <= 1 for images in [0, 1], got {eps}")
-        _check(0.0 <= float(label_smoothing) < 1.0,
-               f"label_smoothing: expected 0 <= value < 1, got {label_smoothing}")
-        _check(float(weight_decay) >= 0.0, f"weight_decay: expected >= 0, got {weight_decay}")
-        _check(int(eps_warmup_steps) >= 0, f"eps_warmup_steps: expected >= 0, got {eps_warmup_steps}")
-        _check(int(eval_pgd_steps) >= 1, f"eval_pgd_steps: expected >= 1, got {eval_pgd_steps}")
+        check(isinstance(classifier, keras.Model),
+              f"classifier: expected a keras.Model, got {type(classifier).__name__}")
+        check(hasattr(classifier, "output_shape"),
+              "classifier: expected a functional or Sequential Keras model (its input and output shapes "
+              "must be known); wrap a subclassed model in keras.Model(inputs, outputs)")
+        check(0.0 < float(eps) <= 1.0, f"eps: expected 0 < eps <= 1 for images in [0, 1], got {eps}")
+        check(0.0 <= float(label_smoothing) < 1.0,
+              f"label_smoothing: expected 0 <= value < 1, got {label_smoothing}")
+        check(float(weight_decay) >= 0.0, f"weight_decay: expected >= 0, got {weight_decay}")
+        check(int(eps_warmup_steps) >= 0, f"eps_warmup_steps: expected >= 0, got {eps_warmup_steps}")
+        check(int(eval_pgd_steps) >= 1, f"eval_pgd_steps: expected >= 1, got {eval_pgd_steps}")
         self.classifier = classifier
         self.eps = float(eps)
         self.label_smoothing = float(label_smoothing)

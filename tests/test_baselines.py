@@ -15,14 +15,21 @@ def compiled(cls, **kwargs):
     return model
 
 
+def clean_cross_entropy(classifier, x, y):
+    """Mean CE of the classifier in inference mode, computed with Keras alone (not the model's helpers)."""
+    logits = classifier(x, training=False)
+    return float(np.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)))
+
+
 @pytest.mark.parametrize("name", sorted(baselines.METHODS))
 def test_each_method_trains_saves_and_reloads(name, tmp_path):
     model = compiled(baselines.METHODS[name])
     x, y = tiny_data(64)
-    before = [v.numpy().copy() for v in model.classifier.trainable_variables]
-    history = model.fit(x, y, batch_size=32, epochs=1, validation_data=(x, y), verbose=0)
-    assert np.isfinite(history.history["loss"][-1]) and "val_pgd_accuracy" in history.history
-    assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, model.classifier.trainable_variables))
+    before = clean_cross_entropy(model.classifier, x, y)
+    history = model.fit(x, y, batch_size=32, epochs=3, validation_data=(x, y), verbose=0)
+    assert clean_cross_entropy(model.classifier, x, y) < before - 0.05  # it learned the fixed batch
+    logs = {key: values[-1] for key, values in history.history.items()}
+    assert 0.0 <= logs["val_pgd_accuracy"] <= logs["val_clean_accuracy"] <= 1.0
     path = str(tmp_path / f"{name}.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
@@ -31,14 +38,29 @@ def test_each_method_trains_saves_and_reloads(name, tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fgsm_rs", "pgd", "trades"])
+@pytest.mark.parametrize("name", ["fgsm_rs", "pgd", "trades", "fgsm_pgi"])
 def test_training_examples_stay_in_the_ball_and_raise_the_loss(name):
     model = compiled(baselines.METHODS[name])
     x, y = (tf.constant(a) for a in tiny_data(32))
     x_adv = model.adversarial_examples(x, y, tf.constant(0.1)).numpy()
     assert np.abs(x_adv - x.numpy()).max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    ce = lambda images: float(tf.reduce_mean(model.cross_entropy_of(y)(images)))
-    assert ce(x_adv) > ce(x)
+    assert clean_cross_entropy(model.classifier, x_adv, y) > clean_cross_entropy(model.classifier, x, y)
+
+
+def test_fgsm_rs_example_is_one_signed_step_from_its_start():
+    """FGSM-RS's example against an independent computation: from its uniform start (clipped to the ball),
+    one step of 1.25 eps along the sign of Keras's cross-entropy gradient, projected onto the ball."""
+    model = compiled(baselines.FGSMRSModel)
+    x, y = (tf.constant(a) for a in tiny_data(16))
+    eps = 0.1
+    lo, hi = np.maximum(x.numpy() - eps, 0.0), np.minimum(x.numpy() + eps, 1.0)
+    start = tf.constant(np.clip(model.uniform_start(x, tf.constant(eps)).numpy(), lo, hi))
+    with tf.GradientTape() as tape:
+        tape.watch(start)
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+            y, model.classifier(start, training=False), from_logits=True))
+    expected = np.clip(start.numpy() + 1.25 * eps * np.sign(tape.gradient(loss, start).numpy()), lo, hi)
+    np.testing.assert_allclose(model.adversarial_examples(x, y, tf.constant(eps)).numpy(), expected, atol=1e-6)
 
 
 def test_pgd_training_attack_uses_its_step_size():
@@ -52,10 +74,23 @@ def test_pgd_training_attack_uses_its_step_size():
 
 
 def test_natural_training_ignores_eps_and_reports_clean_accuracy():
-    model = compiled(baselines.NaturalModel)
     x, y = tiny_data(32)
-    logs = model.train_on_batch(x, y, return_dict=True)
-    assert "clean_accuracy" in logs and "adv_accuracy" not in logs
+    steps = {}
+    for eps in (0.1, 0.5):
+        keras.utils.set_random_seed(0)
+        model = baselines.NaturalModel(tiny_classifier(), eps=eps, eval_pgd_steps=2)
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        assert model.adversarial_examples(x, y, tf.constant(eps)) is x
+        predictions = model.classifier(x, training=False).numpy().argmax(-1)
+        before = clean_cross_entropy(model.classifier, x, y)
+        logs = model.train_on_batch(x, y, return_dict=True)
+        assert "adv_accuracy" not in logs
+        assert logs["clean_accuracy"] == pytest.approx(np.mean(predictions == y))  # of the batch it trained on
+        assert logs["loss"] == pytest.approx(before, rel=1e-5)  # plain CE at the step's weights
+        steps[eps] = logs, [v.numpy() for v in model.classifier.trainable_variables]
+    assert steps[0.1][0] == steps[0.5][0]
+    for small, large in zip(steps[0.1][1], steps[0.5][1]):
+        np.testing.assert_array_equal(small, large)
 
 
 def test_trades_beta_and_bad_arguments():

@@ -420,6 +420,16 @@ def test_rvs_evaluate_prints_no_tensorflow_noise_and_no_escape_codes(finished, i
     assert "clean accuracy" in evaluated.stdout
 
 
+def test_the_three_commands_share_one_error_line(finished, tmp_path):
+    """rvs-evaluate reports a library error as rvs-train and rvs-export do (cli/errors.py): one line, status 2."""
+    result = run([script("rvs-evaluate"), f"--model={finished / 'exports' / 'tiny'}", "--attacks=pgd20",
+                  f"--idx_dir={tmp_path / 'nowhere'}", "--num_examples=8", "--sweep_examples=0",
+                  f"--output_dir={tmp_path / 'report'}"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("rvs-evaluate: error: ")]
+    assert len(errors) == 1 and "--idx_dir" in errors[0], result.stderr
+
+
 # -- 8. reproducibility ---------------------------------------------------------------------------------
 def test_a_seeded_deterministic_rerun_gives_the_same_figures(finished, idx, tmp_path):
     result = run(train(idx, tmp_path, "--noexport"))

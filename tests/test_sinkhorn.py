@@ -306,7 +306,7 @@ def test_bad_arguments_raise(kwargs, match):
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="same feature size"):
         sk.entropic_ot(np.ones((5, 2)), np.ones((4, 3)))
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match="x: expected shape"):
         sk.transport_plan(np.ones(5), np.ones((4, 3)))
     with pytest.raises(ValueError, match="float"):
         sk.solve(np.ones((5, 2), np.int32), np.ones((4, 2), np.int32))

@@ -148,7 +148,18 @@ def test_users_own_classifier_with_a_named_feature_layer():
                      ot_epsilon=0.1, ot_cost_scale="mean")
     model.compile(classifier_optimizer="adam", generator_optimizer="adam")
     x, y = tiny_data(16)
-    assert np.isfinite(model.train_on_batch(x, y, return_dict=True)["loss"])
+    penultimate = keras.Model(classifier.input, classifier.get_layer("penultimate").output)(x).numpy()
+    _, features = model.heads(tf.constant(x), training=False)
+    np.testing.assert_allclose(features.numpy(), penultimate, atol=1e-6)  # the OT term compares that layer
+    shifted = penultimate + 0.5
+    assert float(model.transport_cost(tf.constant(penultimate), tf.constant(shifted))) == pytest.approx(
+        float(sinkhorn.entropic_ot(penultimate, shifted, epsilon=0.1, cost_scale="mean")), rel=1e-6)
+    clean_ce = lambda: float(np.mean(keras.losses.sparse_categorical_crossentropy(y, classifier(x),
+                                                                                  from_logits=True)))
+    before = clean_ce()
+    for _ in range(5):
+        model.train_on_batch(x, y)
+    assert clean_ce() < before - 0.05  # the classifier learns the fixed batch through the user's layers
     with pytest.raises(ValueError, match=re.escape("feature_layer") + ".*'nope'.*penultimate"):
         RVSModel(classifier, models.make_generator(8, SHAPE), eps=0.1, feature_layer="nope")
 

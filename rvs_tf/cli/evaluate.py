@@ -21,14 +21,17 @@ import sys
 from absl import app, flags, logging
 
 from rvs_tf import evaluate
+from rvs_tf.cli import errors
 from rvs_tf.cli.flag_types import DEFINE_fraction
+from rvs_tf.data import DEFAULT_IDX_DIR
+from rvs_tf.distribute import STRATEGIES
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", None, "SavedModel dir, folder of integer versions of one, or .keras file.")
 flags.DEFINE_string("dataset", None, "Dataset name for rvs_tf.data (default: the model's metadata).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir.")
-flags.DEFINE_string("idx_dir", "/usr/share/datasets/fashion-mnist", "Folder of the IDX .gz files (for "
+flags.DEFINE_string("idx_dir", DEFAULT_IDX_DIR, "Folder of the IDX .gz files (for "
                     "--dataset=fashion_mnist_idx).")
 DEFINE_fraction("eps", None, "L-inf radius for images in [0, 1], fractions like 8/255 accepted (default: "
                 "the model's metadata).")
@@ -44,7 +47,7 @@ flags.DEFINE_string("state_dir", None, "Where each attack's finished batches are
                     "same command resumes (default: <output_dir>/state, replaced when the command differs; "
                     "'none' keeps nothing). An explicit folder with another evaluation's state is refused.")
 flags.DEFINE_bool("restart", False, "Discard the saved progress in the state folder and start over.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+flags.DEFINE_enum("strategy", "default", STRATEGIES,
                   "tf.distribute strategy: one device, all local GPUs (MirroredStrategy), or the workers of "
                   "TF_CONFIG (MultiWorkerMirroredStrategy); the per-example results are the same.")
 flags.DEFINE_bool("progress", True, "Show a progress bar per attack (on a terminal only: Keras's bars are "
@@ -114,7 +117,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    errors.run("rvs-evaluate", main)
 
 
 if __name__ == "__main__":

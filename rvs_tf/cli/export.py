@@ -7,10 +7,11 @@ Exports go to <export_dir>/<name>/<version>/ (next free version unless --version
 """
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from rvs_tf import export
+from rvs_tf.cli import errors
 from rvs_tf.cli.flag_types import DEFINE_fraction
 
 FLAGS = flags.FLAGS
@@ -19,7 +20,7 @@ flags.DEFINE_string("model", None, "A training workdir (holding best_classifier.
                     "of a classifier mapping images in [0, 1] to logits.")
 flags.DEFINE_string("name", None, "Model name under --export_dir (default: the workdir's run name or "
                     "the .keras file's stem).")
-flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving exports.")
+flags.DEFINE_string("export_dir", export.DEFAULT_EXPORT_DIR, "Root of the TF Serving exports.")
 flags.DEFINE_integer("version", None, "Version number (default: the next free one).", lower_bound=1)
 flags.DEFINE_string("dataset", None, "Dataset name recorded in the metadata (for a bare .keras file).")
 DEFINE_fraction("eps", None, "eps recorded in the metadata (for a bare .keras file).", lower=0.0, upper=1.0)
@@ -53,21 +54,15 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # TF's INFO lines about the SavedModel it writes hide our messages
         logging.set_verbosity(logging.WARNING)
-    from rvs_tf import export
-
-    try:
-        classifier, metadata, default_name = load_source(FLAGS.model)
-        metadata.update({key: FLAGS[key].value for key in ("dataset", "eps") if FLAGS[key].value})
-        path = export.export_classifier(classifier, FLAGS.export_dir, FLAGS.name or default_name,
-                                        version=FLAGS.version, metadata=metadata)
-    except (OSError, ValueError) as error:
-        print(f"rvs-export: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    classifier, metadata, default_name = load_source(FLAGS.model)
+    metadata.update({key: FLAGS[key].value for key in ("dataset", "eps") if FLAGS[key].value})
+    path = export.export_classifier(classifier, FLAGS.export_dir, FLAGS.name or default_name,
+                                    version=FLAGS.version, metadata=metadata)
     print(f"Exported to {path}")
 
 
 def run():
-    app.run(main)
+    errors.run("rvs-export", main)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ LOGITS_OUTPUT = "logits"
 OUTPUTS = (LOGITS_OUTPUT, "probabilities", "classes")  # of both signatures (see serving_function)
 # Run metadata inside a version folder (not the training workdir's metadata, see rvs_tf.checkpoints).
 VERSION_METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_EXPORT_DIR = "saved_models"  # the export root the command lines default to
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a model name: it names a folder
 
 
 def versions(model_dir):
@@ -105,7 +106,7 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
     """
     if not isinstance(classifier, keras.Model):
         raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
-    if not _NAME.match(name or ""):
+    if not NAME_PATTERN.match(name or ""):
         raise ValueError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
     bad = guards.non_finite_variables(classifier.weights)
     if bad:

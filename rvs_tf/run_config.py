@@ -1,0 +1,179 @@
+"""RunConfig: every setting of a training run in one frozen object, what `rvs_tf.runs.train_and_export`
+takes and what rvs-train's flags fill (one field per flag, same name, same default).
+
+Most fields define the experiment: a workdir records them (`record()`, in `config.json`) and a rerun
+resumes only with the same values (`changes_from`), since resuming with others would mix two experiments.
+The rest (where data and outputs go, the epoch count, the strategy, XLA) may change between reruns.
+"""
+import dataclasses
+import os
+from typing import Optional, Tuple, Union
+
+from rvs_tf import data, distribute, models, rvs, sinkhorn
+from rvs_tf.builder import METHODS, OPTIMIZERS
+from rvs_tf.export import DEFAULT_EXPORT_DIR, NAME_PATTERN
+
+RUNS_DIR = "runs"  # the default workdir is <RUNS_DIR>/<run name>
+RUN_NAME = "{dataset}_{method}"  # the default run name
+DATASETS = data.TFDS_DATASETS + data.LOCAL_DATASETS
+AUGMENTS = ("default", *data.AUGMENTATIONS)  # "default": the dataset's own
+
+
+def _setting(default):
+    """A field that may change between reruns of one run (not part of the experiment's identity)."""
+    return dataclasses.field(default=default, metadata={"identity": False})
+
+
+def parse_cost_scale(value):
+    """`ot_cost_scale` as the solver takes it: None, "mean", "max" or a positive number, from that value or
+    its text ("none", "mean", "max", "0.5")."""
+    text = str(value).strip().lower()
+    if text in ("none", ""):
+        return None
+    if text in ("mean", "max"):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if number <= 0:
+        raise ValueError(f"ot_cost_scale: expected none, mean, max or a positive number, got {value!r}")
+    return number
+
+
+def parse_drop_epochs(values):
+    """`lr_drop_epochs` as a sorted tuple of epochs >= 1, from integers or their text."""
+    try:
+        epochs = tuple(sorted(int(v) for v in values))
+    except (TypeError, ValueError):
+        raise ValueError(f"lr_drop_epochs: expected a comma-separated list of epochs, got {values}") from None
+    if any(e < 1 for e in epochs):
+        raise ValueError(f"lr_drop_epochs: expected epochs >= 1, got {values}")
+    return epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run's settings; each field is the rvs-train flag of the same name (see `rvs-train
+    --help` for what each means). `lr_drop_epochs` and `ot_cost_scale` are normalised on construction
+    (text is accepted), and choices are checked, so a bad value fails before anything is built.
+    """
+
+    # Data.
+    dataset: str = "fashion_mnist_idx"
+    data_dir: Optional[str] = _setting(None)
+    idx_dir: str = _setting(data.DEFAULT_IDX_DIR)
+    validation_size: int = 5000
+    augment: str = "default"
+    pad: int = 4
+    batch_size: int = 128
+    epochs: int = _setting(10)
+    steps_per_epoch: Optional[int] = None
+    # Models.
+    arch: str = "small_cnn"
+    wrn_depth: int = 34
+    wrn_width: int = 10
+    noise_dim: Optional[int] = None
+    # Method.
+    method: str = "rvs"
+    pgd_steps: int = 10
+    pgd_step_size: Optional[float] = None
+    trades_beta: float = 6.0
+    fgsm_step_ratio: float = 1.25
+    single_step_ratio: float = 1.0
+    nfgsm_noise_ratio: float = 2.0
+    pairing_weight: Optional[float] = None
+    prior_momentum: float = 0.3
+    generator_every: int = 20
+    init_generator_width: int = 32
+    init_start_ratio: float = 1.0
+    init_project: bool = True
+    init_ot_weight: float = 0.0
+    overfit_gap: float = _setting(0.3)
+    # RVS.
+    eps: float = 0.1
+    bound: str = "clip"
+    random_start: bool = True
+    label_smoothing: Optional[float] = None
+    ot_weight: float = 1.0
+    ot_on: str = "features"
+    ot_epsilon: float = 0.01
+    ot_cost_scale: Union[str, float, None] = "mean"
+    ot_max_iters: int = 100
+    ot_gradient: str = "implicit"
+    ot_debiased: bool = False
+    clean_ce_weight: float = 0.0
+    rvs_update: str = "alternating"
+    feature_distance: str = "sinkhorn"
+    freeze_generator: bool = False
+    eps_warmup_epochs: int = 0
+    # Optimisation.
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    lr_drop_epochs: Tuple[int, ...] = ()
+    lr_drop_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    generator_optimizer: str = "sgd"
+    generator_lr: float = 0.01
+    # Evaluation, checkpoints, export, execution.
+    eval_pgd_steps: int = 10
+    name: Optional[str] = _setting(None)
+    workdir: Optional[str] = _setting(None)
+    export_dir: str = _setting(DEFAULT_EXPORT_DIR)
+    export: bool = _setting(True)
+    seed: int = 0
+    deterministic: bool = False  # op determinism changes the kernels and so the figures
+    jit_compile: bool = _setting(False)
+    strategy: str = _setting("default")
+    mixed_precision: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr_drop_epochs", parse_drop_epochs(self.lr_drop_epochs))
+        object.__setattr__(self, "ot_cost_scale", parse_cost_scale(self.ot_cost_scale))
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.name is not None and not NAME_PATTERN.match(self.name):
+            raise ValueError(f"name: expected letters, digits, '_', '-' or '.' (it names a folder), got "
+                             f"{self.name!r}")
+
+    @property
+    def run_name(self):
+        """`name`, or `RUN_NAME` of the dataset and method: names the workdir and the export."""
+        return self.name or RUN_NAME.format(dataset=self.dataset, method=self.method)
+
+    @property
+    def run_dir(self):
+        """`workdir`, or <RUNS_DIR>/<run name>: checkpoints, logs, the recorded config."""
+        return self.workdir or os.path.join(RUNS_DIR, self.run_name)
+
+    @classmethod
+    def identity_fields(cls):
+        """Names of the fields that define the experiment (all but those of `_setting`)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("identity", True))
+
+    def record(self):
+        """The identity fields as JSON-ready values (what a workdir's config.json and an export's
+        metadata hold)."""
+        return {name: (list(value) if isinstance(value, tuple) else value)
+                for name, value in ((n, getattr(self, n)) for n in self.identity_fields())}
+
+    @classmethod
+    def from_record(cls, record, **settings):
+        """The config a `record()` describes (fields it lacks, added after it was written, take their
+        defaults; names no longer known are ignored), with `settings` for the non-identity fields."""
+        known = set(cls.identity_fields())
+        return cls(**{k: v for k, v in record.items() if k in known}, **settings)
+
+    def changes_from(self, other):
+        """{field: (other's value, this value)} for each identity field where the two differ."""
+        return {name: (getattr(other, name), getattr(self, name)) for name in self.identity_fields()
+                if getattr(other, name) != getattr(self, name)}
+
+
+_CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "arch": models.ARCHITECTURES, "method": METHODS,
+            "bound": rvs.BOUNDS, "ot_on": rvs.OT_TARGETS, "ot_gradient": sinkhorn.GRADIENTS,
+            "rvs_update": rvs.RVS_UPDATES, "feature_distance": rvs.FEATURE_DISTANCES, "optimizer": OPTIMIZERS,
+            "generator_optimizer": OPTIMIZERS, "strategy": distribute.STRATEGIES,
+            "mixed_precision": distribute.PRECISIONS}

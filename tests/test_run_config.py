@@ -1,0 +1,60 @@
+"""RunConfig (what rvs-train's flags fill) and the builder the command line and the benchmarks share."""
+import dataclasses
+
+import pytest
+
+from rvs_tf import baselines, builder
+from rvs_tf.learned_init import RVSInitModel
+from rvs_tf.run_config import RunConfig
+from rvs_tf.rvs import RVSModel
+
+
+def test_a_record_written_by_an_older_version_still_matches_its_run():
+    config = RunConfig(lr_drop_epochs=("3", "2"), ot_cost_scale="none", eps=8 / 255)
+    assert config.lr_drop_epochs == (2, 3) and config.ot_cost_scale is None
+    old = config.record()
+    old.update(lr_drop_epochs=["2", "3"], ot_cost_scale="none", removed_flag=1)  # flag values as text
+    del old["pad"]  # a flag added after the record was written counts as unchanged at its default
+    assert config.changes_from(RunConfig.from_record(old)) == {}
+    assert "epochs" not in old and "workdir" not in old  # settings that may change between reruns
+
+
+def test_changes_name_each_identity_field_and_ignore_settings():
+    config = RunConfig(lr=0.1, epochs=3)
+    assert config.changes_from(RunConfig(lr=0.2, epochs=30, workdir="elsewhere")) == {"lr": (0.2, 0.1)}
+
+
+@pytest.mark.parametrize("changes, name", [(dict(method="fgsm"), "method"), (dict(dataset="imagenet"), "dataset"),
+                                           (dict(lr_drop_epochs=("ten",)), "lr_drop_epochs"),
+                                           (dict(ot_cost_scale="huge"), "ot_cost_scale"),
+                                           (dict(name="../up"), "name"), (dict(optimizer="rmsprop"), "optimizer")])
+def test_bad_values_name_the_field(changes, name):
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        RunConfig(**changes)
+
+
+def test_run_name_and_workdir_defaults():
+    assert RunConfig(method="pgd").run_name == "fashion_mnist_idx_pgd"
+    assert RunConfig(method="pgd").run_dir == "runs/fashion_mnist_idx_pgd"
+    assert RunConfig(name="mine", workdir="/tmp/w").run_dir == "/tmp/w"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().lr = 1.0
+
+
+@pytest.mark.parametrize("method, cls, smoothing", [("rvs", RVSModel, 0.5), ("rvs_init", RVSInitModel, 0.0),
+                                                    ("fgsm_pgi", baselines.FGSMPGIModel, 0.4),
+                                                    ("pgd", baselines.PGDATModel, 0.0)])
+def test_build_model_follows_the_config(method, cls, smoothing):
+    config = RunConfig(method=method, lr=0.05, lr_drop_epochs=(2,), batch_size=16, pgd_steps=3, eps=0.2,
+                       ot_max_iters=7, optimizer="adam")
+    model = builder.build_model(config, (28, 28, 1), 10, steps_per_epoch=5)
+    assert type(model) is cls and model.eps == pytest.approx(0.2) and model.label_smoothing == smoothing
+    assert type(model.optimizer).__name__ == "Adam"
+    schedule = builder.classifier_learning_rate(config, steps_per_epoch=5)  # dropped after epoch 2's 10 steps
+    assert float(schedule(10)) == pytest.approx(0.05) and float(schedule(11)) == pytest.approx(0.005)
+    if method == "pgd":
+        assert model.steps == 3
+    if method == "fgsm_pgi":
+        assert model.prior_capacity == 16 and model.pairing_weight == 10.0
+    if method == "rvs":
+        assert model.ot_options.max_iters == 7 and model.noise_dim == 128  # the classifier's feature width
