@@ -24,7 +24,7 @@ METHOD = (
     "ensemble: the quick budgets, to keep the run short).")
 
 
-def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=None, batch_size=250,
+def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=None, batch_size=500,
                       cascade=True, sweep_eps=None, sweep_examples=100, sweep_attacks=None, output_dir=None,
                       seed=0, progress=True, class_names=None, dataset_name=None, tolerance=0.01,
                       state_dir=None, restart=False, strategy=None):

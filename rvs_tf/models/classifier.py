@@ -53,12 +53,12 @@ class ZeroPadChannels(keras.layers.Layer):
 def _check_common(input_shape, num_classes, normalization):
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
     if shape is None or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ValueError(f"`input_shape` must be (height, width, channels) positive ints, "
+        raise ValueError(f"input_shape: expected (height, width, channels) positive ints, "
                          f"got {input_shape!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}")
+        raise ValueError(f"num_classes: expected an int >= 2, got {num_classes!r}")
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}")
+        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
     return shape
 
 
@@ -84,9 +84,9 @@ def small_cnn(input_shape=(28, 28, 1), num_classes=10, *, feature_dim=128, width
     """
     shape = _check_common(input_shape, num_classes, normalization)
     if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-        raise ValueError(f"`feature_dim` must be a positive int, got {feature_dim!r}")
+        raise ValueError(f"feature_dim: expected a positive int, got {feature_dim!r}")
     if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
-        raise ValueError(f"`widths` must be a non-empty sequence of positive ints, got {widths!r}")
+        raise ValueError(f"widths: expected a non-empty sequence of positive ints, got {widths!r}")
     images, x = _stem(shape, normalization)
     for stage, width in enumerate(widths, start=1):
         for i in (1, 2):
@@ -153,11 +153,11 @@ def wide_resnet(input_shape=(32, 32, 3), num_classes=10, *, depth=34, width=10,
     """
     shape = _check_common(input_shape, num_classes, normalization)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"`depth` must be 6n + 4 with n >= 1 (e.g. 28, 34), got {depth!r}")
+        raise ValueError(f"depth: expected 6n + 4 with n >= 1 (e.g. 28, 34), got {depth!r}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"`width` must be a positive int, got {width!r}")
+        raise ValueError(f"width: expected a positive int, got {width!r}")
     if not isinstance(leaky_relu, (int, float)) or leaky_relu < 0:
-        raise ValueError(f"`leaky_relu` must be a slope >= 0, got {leaky_relu!r}")
+        raise ValueError(f"leaky_relu: expected a slope >= 0, got {leaky_relu!r}")
     units = (depth - 4) // 6
     name = name or f"wrn_{depth}_{width}"
 

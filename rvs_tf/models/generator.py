@@ -13,10 +13,10 @@ import keras
 def make_generator(noise_dim, image_shape, *, base_channels=64, leaky_relu=0.2, name="generator"):
     """z ``[B, noise_dim]`` -> delta ``[B, H, W, C]`` (float32, unbounded)."""
     if isinstance(noise_dim, bool) or not isinstance(noise_dim, int) or noise_dim < 1:
-        raise ValueError(f"`noise_dim` must be a positive int, got {noise_dim!r}")
+        raise ValueError(f"noise_dim: expected a positive int, got {noise_dim!r}")
     shape = tuple(image_shape) if isinstance(image_shape, (tuple, list)) else None
     if shape is None or len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ValueError(f"`image_shape` must be (height, width, channels) positive ints, "
+        raise ValueError(f"image_shape: expected (height, width, channels) positive ints, "
                          f"got {image_shape!r}")
     height, width, channels = shape
     h0, w0 = math.ceil(height / 4), math.ceil(width / 4)
