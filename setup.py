@@ -23,6 +23,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "tensorflow-serving-api>=2.18,<2.22"],
+        # benchmarks/eval_speed.py --compare_art times IBM ART's attacks against ours
+        "benchmarks": ["adversarial-robustness-toolbox>=1.17"],
     },
     entry_points={
         "console_scripts": [

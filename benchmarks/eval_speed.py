@@ -29,7 +29,7 @@ flags.DEFINE_list("kinds", ["natural", "fast_at"], "Which small CNNs to train an
 flags.DEFINE_string("work_dir", "runs/eval_speed", "Cache of trained models and the reports.")
 flags.DEFINE_bool("compare_art", False, "Time rvs_tf against IBM ART on APGD-CE, APGD-DLR and Square.")
 flags.DEFINE_integer("art_queries", 1000, "Square's queries in --compare_art.")
-flags.DEFINE_integer("art_batch_size", 250, "ART's batch size in --compare_art.")
+flags.DEFINE_integer("art_batch_size", 250, "Batch size of both libraries in --compare_art.")
 FLAGS = flags.FLAGS
 
 
@@ -103,7 +103,7 @@ def _compare_art():
              evaluate.attack_spec("Square", "square", queries=FLAGS.art_queries, p_init=0.8)]
     t0 = time.perf_counter()
     report = evaluate.robustness_report(logits_fn, (x, y), eps=FLAGS.eps, attacks=specs, sweep_examples=0,
-                                        progress=False)
+                                        batch_size=FLAGS.art_batch_size, progress=False)
     ours = time.perf_counter() - t0
     for row in report["attacks"]:
         print(f"  rvs_tf {row['name']}: {row['accuracy']:.1%} left, {row['seconds']:.0f} s")
