@@ -36,7 +36,8 @@ flags.DEFINE_string("idx_dir", DEFAULT_IDX_DIR, "Folder of the IDX .gz files (fo
 DEFINE_fraction("eps", None, "L-inf radius for images in [0, 1], fractions like 8/255 accepted (default: "
                 "the model's metadata).")
 flags.DEFINE_integer("num_examples", 1000, "Test examples to evaluate (the first ones of the split).")
-flags.DEFINE_integer("batch_size", 500, "Images per attack batch (500: measured faster than 100 and 250 on CPU, see benchmarks/EVAL_SPEED.md).")
+flags.DEFINE_integer("batch_size", 500, "Images per attack batch (500: measured faster than 100 and 250 on "
+                     "CPU, see benchmarks/EVAL_SPEED.md).")
 flags.DEFINE_string("attacks", "standard",
                     "standard | quick | pgd20 | comma-separated names from rvs_tf.evaluate.ATTACKS.")
 flags.DEFINE_string("output_dir", None, "Where the report goes (default: next to the model).")
