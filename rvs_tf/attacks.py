@@ -5,7 +5,7 @@ Keras model (called with `training=False`), a SavedModel signature wrapper, or a
 output is read at its "logits" key. Logits are cast to float32, so mixed-precision models are attacked in
 full precision. Each attack returns `x_adv` with the shape of `x`, inside the eps-ball around `x` and
 inside [0, 1], and keeps, per example, the strongest point it visited (misclassified first, then highest
-loss), so more steps or restarts never make it weaker.
+loss; APGD stops at the first misclassified point), so more steps or restarts never make it weaker.
 
 All loops are `tf.while_loop`s with no Python side effects, so the functions trace inside a caller's
 `tf.function` (e.g. a `test_step`) and run eagerly too. `eps` may be a Python number or a scalar tensor,
@@ -229,7 +229,7 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
     """One APGD run (Croce & Hein 2020, Algorithm 1) with per-example step sizes -> (x_adv, wrong).
 
     An example leaves the loop at the first point the model misclassifies, which is what it returns for
-    that example (x for the others). Step sizes, momentum and checkpoints are per example and the model
+    that example (x for the others) once a forward pass of the whole batch confirms it. Step sizes, momentum and checkpoints are per example and the model
     runs in inference mode, so no example's path depends on another's: dropping broken examples finds the
     same broken set as running all of them for every step, at the cost of the survivors only.
     """
@@ -277,9 +277,12 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
     state = (tf.constant(0), tf.where(_per_example(w0, x), x0, x), w0, where, _shrink(live, ~w0))
     invariants = (tf.TensorShape([]), x.shape, w0.shape, tf.TensorShape([None]),
                   tuple(_any_batch(t) for t in live))
-    _, out_x, out_w, _, _ = tf.while_loop(lambda k, _x, _w, where, _l: (k < steps) & (tf.size(where) > 0),
-                                          body, state, shape_invariants=invariants)
-    return out_x, out_w
+    _, out_x, _, _, _ = tf.while_loop(lambda k, _x, _w, where, _l: (k < steps) & (tf.size(where) > 0),
+                                      body, state, shape_invariants=invariants)
+    # Re-check on the whole batch: a point found at the boundary in a smaller batch must still be
+    # misclassified here, or the cascade would skip an example this run did not really break.
+    wrong = tf.not_equal(tf.argmax(model_logits(model, out_x), -1, output_type=tf.int32), y)
+    return tf.where(_per_example(wrong, x), out_x, x), wrong
 
 
 @_graph_ready

@@ -95,7 +95,8 @@ def check_resumable(config):
 def _as_flag(name, value):
     """The command-line form that sets flag `name` back to a saved `value` (a resume-mismatch hint)."""
     if value is None:
-        return f"no --{name} (its default)"
+        default = {field.name: field.default for field in dataclasses.fields(RunConfig)}.get(name)
+        return f"no --{name} (its default)" if default is None else f"--{name}=none"
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no{name}"
     if isinstance(value, (list, tuple)):

@@ -1,7 +1,9 @@
 """Robustness report: Clopper-Pearson against scipy, the ensemble against a gradient-masked model, a natural
 Fashion-MNIST model at eps 0.3, SavedModel loading and the rvs-evaluate CLI."""
+import gc
 import json
 import os
+import weakref
 
 import keras
 import numpy as np
@@ -249,12 +251,38 @@ def test_models_of_one_architecture_share_traces_and_keep_their_own_results():
                                           progress=False)
 
     first = report(models[0])
-    traces = {key: fn.experimental_get_tracing_count() for key, fn in runner._SHARED_TRACES.items()}
+    def tracing_counts():
+        return {key: fn.experimental_get_tracing_count() for key, (_, fn) in runner._SHARED_TRACES.items()}
+
+    traces = tracing_counts()
     assert traces and all(count == 1 for count in traces.values()), traces
     shared = report(models[1])
-    assert {key: fn.experimental_get_tracing_count() for key, fn in runner._SHARED_TRACES.items()} == traces
+    assert tracing_counts() == traces
     alone = report(lambda images: models[1](images, training=False))  # a callable: traced on its own
     for got, want in zip(shared["attacks"], alone["attacks"]):
         assert got["accuracy"] == want["accuracy"], (got["name"], got["accuracy"], want["accuracy"])
     assert shared["worst_case"]["accuracy"] == alone["worst_case"]["accuracy"]
     assert shared["clean"] == alone["clean"] and shared["clean"] != first["clean"]
+    # The cache holds no model: once the first is gone, its entries go too.
+    first_ref = weakref.ref(models[0])
+    del models[0]
+    gc.collect()
+    assert first_ref() is None
+    report(models[0])
+    assert all(ref() is not None for ref, _ in runner._SHARED_TRACES.values())
+
+
+def test_models_whose_config_does_not_describe_them_get_traces_of_their_own():
+    """A Lambda layer's function is not in its config: two models differing only there must not share."""
+    from rvs_tf.evaluate import runner
+
+    def lambda_model(offset):
+        inputs = keras.Input((28, 28, 1))
+        hidden = keras.layers.Lambda(lambda t: t + offset, name="shift")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(10, name="logits")(keras.layers.Flatten(name="flat")(hidden)))
+
+    assert runner._architecture(lambda_model(0.0)) is None
+    keras.utils.set_random_seed(0)
+    from rvs_tf.models import small_cnn
+    assert runner._architecture(small_cnn(widths=(4,))) == runner._architecture(small_cnn(widths=(4,)))
+    assert runner._architecture(small_cnn(widths=(4,))) != runner._architecture(small_cnn(widths=(8,)))

@@ -1,11 +1,13 @@
 """The one error path of rvs-train, rvs-evaluate and rvs-export: a library error becomes one line
 `<command>: error: <message>` and exit status 2 instead of a traceback, since the library's messages
-already name the argument and say what to change; a checkpoint that does not load is one warning line."""
+already name the argument and say what to change (`--verbosity=1` prints the traceback too); a checkpoint
+that does not load is one warning line."""
 import contextlib
 import sys
+import traceback
 import warnings
 
-from absl import app
+from absl import app, logging
 
 from rvs_tf.checkpoints import CheckpointWarning
 
@@ -38,6 +40,8 @@ def reported(command):
         try:
             yield
         except ERRORS as error:
+            if logging.get_verbosity() >= logging.DEBUG:  # --verbosity=1: the traceback too, for bug reports
+                traceback.print_exc()
             fail(command, error)
 
 

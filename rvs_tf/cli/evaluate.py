@@ -37,7 +37,8 @@ DEFINE_fraction("eps", None, "L-inf radius for images in [0, 1], fractions like 
                 "the model's metadata).")
 flags.DEFINE_integer("num_examples", 1000, "Test examples to evaluate (the first ones of the split).")
 flags.DEFINE_integer("batch_size", 500, "Images per attack batch (500: measured faster than 100 and 250 on "
-                     "CPU, see benchmarks/EVAL_SPEED.md).")
+                     "CPU, see benchmarks/EVAL_SPEED.md; lower it if an accelerator runs out of memory; a "
+                     "saved state resumes only with the batch size it was written with).")
 flags.DEFINE_string("attacks", "standard",
                     "standard | quick | pgd20 | comma-separated names from rvs_tf.evaluate.ATTACKS.")
 flags.DEFINE_string("output_dir", None, "Where the report goes (default: next to the model).")

@@ -2,6 +2,7 @@
 every result re-checked independently of the attack's own bookkeeping."""
 import json
 import sys
+import weakref
 import zlib
 
 import keras
@@ -53,26 +54,49 @@ def _take(dataset, num_examples):
 
 
 # Traces shared by every Keras model of one architecture, whose weights are arguments:
-# (architecture, what, input signature) -> tf.function. Holds the first model of each architecture.
+# (architecture, what, input signature) -> (weak reference to the model traced, tf.function).
 _SHARED_TRACES = {}
+# Layers whose computation is not all in their config and weights: a Lambda's function (its closure and
+# globals are not serialised), a TFSMLayer's SavedModel (which reads its own variables).
+_OPAQUE_LAYERS = ("Lambda", "TFSMLayer")
 
 
 def _architecture(model):
     """A key equal for Keras models that compute the same function of (weights, images), or None.
 
-    Only functional and Sequential models made of Keras's and rvs_tf's own layers qualify: their config
-    describes the whole computation. A subclassed model or a custom layer may keep behaviour outside its
-    config, so it gets traces of its own."""
+    Only functional and Sequential models made of Keras's and rvs_tf's own layers qualify (their config
+    describes the whole computation; layer names are part of it, so models rebuilt by one builder or loaded
+    from one file share, auto-named ones do not). Subclassed models and custom, Lambda or TFSMLayer layers
+    may keep behaviour outside their config, so they get traces of their own."""
     kind = type(model)
     if not (kind.__module__.startswith("keras.") and kind.__name__ in ("Functional", "Sequential")):
         return None
-    if not all(type(layer).__module__.startswith(("keras.", "rvs_tf.")) for layer in model._flatten_layers()):
-        return None
+    for layer in model._flatten_layers():
+        if (not type(layer).__module__.startswith(("keras.", "rvs_tf."))
+                or type(layer).__name__ in _OPAQUE_LAYERS):
+            return None
     try:
         config = json.dumps([kind.__name__, model.get_config()], sort_keys=True)  # not the compile config
     except (TypeError, ValueError, NotImplementedError):
         return None
-    return config, tuple((v.path, tuple(v.shape), v.dtype) for v in model.variables)
+    return config, tuple((v.path, tuple(v.shape), v.dtype, v.trainable) for v in model.variables)
+
+
+def _shared_trace(key, template, body, signature):
+    """The tf.function of `key`, made with `template` (a live Keras model) if none is cached or the model
+    it was made with is gone; entries of collected models are dropped, so the cache holds no model."""
+    for stale in [k for k, (ref, _) in _SHARED_TRACES.items() if ref() is None]:
+        del _SHARED_TRACES[stale]
+    if key not in _SHARED_TRACES:
+        ref = weakref.ref(template)
+
+        def traced(weights, *args):  # traced once (fixed signature), while `template` is alive
+            return body(lambda x: ref().stateless_call(*weights, x, training=False)[0], *args)
+
+        weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables] for variables in
+                        (template.trainable_variables, template.non_trainable_variables)]
+        _SHARED_TRACES[key] = ref, tf.function(traced, input_signature=[weight_specs, *signature])
+    return _SHARED_TRACES[key][1]
 
 
 class Runner:
@@ -86,8 +110,12 @@ class Runner:
         self.progress = progress and self.shards.chief
         self._x_spec = tf.TensorSpec([None, *image_shape], tf.float32)
         self._architecture = _architecture(model)
-        self.predict = self._compile("predict", lambda logits, x: tf.argmax(attacks_lib.model_logits(logits, x), -1),
-                                     [self._x_spec])
+        # The weights every shared trace is called with, read once: evaluation never changes them.
+        self._weights = None if self._architecture is None else [
+            [tf.convert_to_tensor(v) for v in variables]
+            for variables in (model.trainable_variables, model.non_trainable_variables)]
+        self.predict = self._compile(
+            "predict", lambda model, x: tf.argmax(attacks_lib.model_logits(model, x), -1), [self._x_spec])
         self._compiled = {}
 
     def _compile(self, what, body, signature):
@@ -97,19 +125,8 @@ class Runner:
         if self._architecture is None:
             model = self.model
             return tf.function(lambda *args: body(model, *args), input_signature=signature)
-        key = (self._architecture, what, tuple(signature))
-        if key not in _SHARED_TRACES:
-            template = self.model
-
-            def traced(weights, *args):
-                return body(lambda x: template.stateless_call(*weights, x, training=False)[0], *args)
-
-            weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables] for variables in
-                            (template.trainable_variables, template.non_trainable_variables)]
-            _SHARED_TRACES[key] = tf.function(traced, input_signature=[weight_specs, *signature])
-        shared = _SHARED_TRACES[key]
-        weights = [[tf.convert_to_tensor(v) for v in variables] for variables in
-                   (self.model.trainable_variables, self.model.non_trainable_variables)]
+        shared = _shared_trace((self._architecture, what, tuple(signature)), self.model, body, signature)
+        weights = self._weights
         return lambda *args: shared(weights, *args)
 
     def num_classes(self, x):
@@ -120,7 +137,7 @@ class Runner:
 
     def _attack_fn(self, spec):
         if spec not in self._compiled:
-            self._compiled[spec] = self._compile(spec, lambda model, x, y, eps, seed: spec.run(model, x, y, eps, seed), [
+            self._compiled[spec] = self._compile(spec, spec.run, [
                 self._x_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32),
                 tf.TensorSpec([2], tf.int64)])
         return self._compiled[spec]
