@@ -371,7 +371,7 @@ def plot_tradeoff(done, natural_seconds, ratios):
         handles = [plt.Line2D([], [], marker="o", ls="", color=colour, label=family)
                    for family, colour in dict(FAMILIES.values()).items()]
         right.legend(handles=handles + [plt.Line2D([], [], color="black", label="cost/robustness front")],
-                     fontsize=8, loc="lower right")
+                     fontsize=8, loc="best")  # never over a point
         labels.append((left, [p["w"] for p in points], [p["c"] for p in points], [p["name"] for p in points]))
         labels.append((right, [p["cost"] for p in points], [p["w"] for p in points],
                        [f"{p['name']} ({p['cost']:.1f}x)" for p in points]))
