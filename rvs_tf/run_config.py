@@ -52,6 +52,41 @@ def parse_drop_epochs(values):
     return epochs
 
 
+BOUNDS = {  # field: (lowest, highest) value accepted, None for no bound (the flags take theirs from here)
+    "validation_size": (1, None),
+    "pad": (0, None),
+    "batch_size": (2, None),
+    "epochs": (1, None),
+    "steps_per_epoch": (1, None),
+    "wrn_depth": (10, None),
+    "wrn_width": (1, None),
+    "noise_dim": (1, None),
+    "pgd_steps": (1, None),
+    "trades_beta": (0.0, None),
+    "fgsm_step_ratio": (1e-09, None),
+    "single_step_ratio": (1e-09, None),
+    "nfgsm_noise_ratio": (0.0, None),
+    "pairing_weight": (0.0, None),
+    "prior_momentum": (0.0, 0.999),
+    "generator_every": (1, None),
+    "init_generator_width": (1, None),
+    "init_start_ratio": (1e-09, None),
+    "init_ot_weight": (0.0, None),
+    "overfit_gap": (0.01, 1.0),
+    "label_smoothing": (0.0, 0.99),
+    "ot_weight": (0.0, None),
+    "ot_epsilon": (1e-06, None),
+    "ot_max_iters": (1, None),
+    "clean_ce_weight": (0.0, None),
+    "eps_warmup_epochs": (0, None),
+    "lr": (0.0, None),
+    "lr_drop_factor": (0.0, 1.0),
+    "momentum": (0.0, 1.0),
+    "weight_decay": (0.0, None),
+    "generator_lr": (0.0, None),
+    "eval_pgd_steps": (1, None),
+}
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A training run's settings; each field is the rvs-train flag of the same name (see `rvs-train
@@ -134,6 +169,12 @@ class RunConfig:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
+                expected = (f"a number in [{low}, {high}]" if low is not None and high is not None else
+                            f"a number >= {low}" if low is not None else f"a number <= {high}")
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"name: expected letters, digits, '_', '-' or '.' (it names a folder), got "
                              f"{self.name!r}")

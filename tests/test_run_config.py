@@ -5,7 +5,7 @@ import pytest
 
 from rvs_tf import baselines, builder
 from rvs_tf.learned_init import RVSInitModel
-from rvs_tf.run_config import RunConfig
+from rvs_tf.run_config import BOUNDS, RunConfig
 from rvs_tf.rvs import RVSModel
 
 
@@ -58,3 +58,17 @@ def test_build_model_follows_the_config(method, cls, smoothing):
         assert model.prior_capacity == 16 and model.pairing_weight == 10.0
     if method == "rvs":
         assert model.ot_options.max_iters == 7 and model.noise_dim == 128  # the classifier's feature width
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("steps_per_epoch", 0, "a number >= 1"), ("batch_size", 1, "a number >= 2"),
+    ("label_smoothing", 1.5, r"a number in \[0.0, 0.99\]"), ("prior_momentum", -0.1, r"a number in \[0.0, 0.999\]")])
+def test_run_config_refuses_what_the_flags_refuse(field, value, expected):
+    """train_and_export(RunConfig(...)) users get the command line's bounds, not a silent fallback."""
+    with pytest.raises(ValueError, match=rf"{field}: expected {expected}, got {value}"):
+        RunConfig(**{field: value})
+    from absl import flags
+
+    import rvs_tf.cli.train  # noqa: F401  (defines the flags)
+    parser = flags.FLAGS[field].parser  # the flag refuses the same values
+    assert (parser.lower_bound, parser.upper_bound) == BOUNDS[field]

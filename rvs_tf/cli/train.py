@@ -15,12 +15,19 @@ from rvs_tf import builder, distribute, models, rvs, sinkhorn
 from rvs_tf.cli import errors
 from rvs_tf.cli.flag_types import DEFINE_fraction
 from rvs_tf.export import NAME_PATTERN
-from rvs_tf.run_config import (AUGMENTS, DATASETS, RUN_NAME, RUNS_DIR, RunConfig, parse_cost_scale,
+from rvs_tf.run_config import (AUGMENTS, BOUNDS, DATASETS, RUN_NAME, RUNS_DIR, RunConfig, parse_cost_scale,
                                parse_drop_epochs)
 from rvs_tf.runs import train_and_export
 
 FLAGS = flags.FLAGS
 D = RunConfig()  # the defaults of every flag
+
+
+def _bounds(name):
+    """absl's lower_bound / upper_bound of flag `name`: RunConfig's, so both refuse the same values."""
+    low, high = BOUNDS[name]
+    return {key: value for key, value in (("lower_bound", low), ("upper_bound", high)) if value is not None}
+
 
 # Data.
 flags.DEFINE_enum("dataset", D.dataset, DATASETS, "Dataset: a TFDS name (cifar10, cifar100, svhn_cropped, "
@@ -28,58 +35,57 @@ flags.DEFINE_enum("dataset", D.dataset, DATASETS, "Dataset: a TFDS name (cifar10
 flags.DEFINE_string("data_dir", D.data_dir, "TFDS data directory (TFDS default when unset).")
 flags.DEFINE_string("idx_dir", D.idx_dir, "Folder of the IDX .gz files.")
 flags.DEFINE_integer("validation_size", D.validation_size, "Training examples held out for validation (each "
-                     "epoch reports clean and PGD accuracy on all of them).", lower_bound=1)
+                     "epoch reports clean and PGD accuracy on all of them).", **_bounds("validation_size"))
 flags.DEFINE_enum("augment", D.augment, AUGMENTS,
                   "Training augmentation: 'default' is the dataset's (CIFAR: crop_flip; SVHN, MNIST, "
                   "Fashion-MNIST: none), 'crop' is a random crop after --pad pixels of zero padding.")
 flags.DEFINE_integer("pad", D.pad, "Zero padding per side before the random crop (the RVS authors use 2).",
-                     lower_bound=0)
-flags.DEFINE_integer("batch_size", D.batch_size, "Global batch size.", lower_bound=2)
-flags.DEFINE_integer("epochs", D.epochs, "Training epochs.", lower_bound=1)
+                     **_bounds("pad"))
+flags.DEFINE_integer("batch_size", D.batch_size, "Global batch size.", **_bounds("batch_size"))
+flags.DEFINE_integer("epochs", D.epochs, "Training epochs.", **_bounds("epochs"))
 flags.DEFINE_integer("steps_per_epoch", D.steps_per_epoch, "Cap on steps per epoch (default: one pass over "
-                     "the data).", lower_bound=1)
+                     "the data).", **_bounds("steps_per_epoch"))
 # Models.
 flags.DEFINE_enum("arch", D.arch, models.ARCHITECTURES, "Classifier.")
-flags.DEFINE_integer("wrn_depth", D.wrn_depth, "WideResNet depth (6n+4).", lower_bound=10)
-flags.DEFINE_integer("wrn_width", D.wrn_width, "WideResNet widening factor.", lower_bound=1)
+flags.DEFINE_integer("wrn_depth", D.wrn_depth, "WideResNet depth (6n+4).", **_bounds("wrn_depth"))
+flags.DEFINE_integer("wrn_width", D.wrn_width, "WideResNet widening factor.", **_bounds("wrn_width"))
 flags.DEFINE_integer("noise_dim", D.noise_dim, "Generator noise size (default: the classifier's feature "
-                     "width, as the authors).", lower_bound=1)
+                     "width, as the authors).", **_bounds("noise_dim"))
 # Method.
 flags.DEFINE_enum("method", D.method, builder.METHODS,
                   "Training method; everything else (data, model, optimiser, schedule) is shared. "
                   "rvs_init: a generator that sees the image and its gradient learns the start of one FGSM "
                   "step (see rvs_tf.learned_init).")
 flags.DEFINE_integer("pgd_steps", D.pgd_steps, "Attack steps of --method=pgd and --method=trades.",
-                     lower_bound=1)
+                     **_bounds("pgd_steps"))
 DEFINE_fraction("pgd_step_size", D.pgd_step_size, "Step size of those attacks (default: 2.5*eps/steps for "
                 "pgd, eps/4 for trades, as their papers).", lower=1e-9)
-flags.DEFINE_float("trades_beta", D.trades_beta, "TRADES robustness weight.", lower_bound=0.0)
+flags.DEFINE_float("trades_beta", D.trades_beta, "TRADES robustness weight.", **_bounds("trades_beta"))
 flags.DEFINE_float("fgsm_step_ratio", D.fgsm_step_ratio, "FGSM-RS step as a multiple of eps (Wong et al.: "
-                   "1.25).", lower_bound=1e-9)
+                   "1.25).", **_bounds("fgsm_step_ratio"))
 flags.DEFINE_float("single_step_ratio", D.single_step_ratio, "The signed step of nfgsm, fgsm_pgi and rvs_init "
-                   "as a multiple of eps (their papers: 1).", lower_bound=1e-9)
+                   "as a multiple of eps (their papers: 1).", **_bounds("single_step_ratio"))
 flags.DEFINE_float("nfgsm_noise_ratio", D.nfgsm_noise_ratio, "N-FGSM noise U(-k eps, k eps): k (de Jorge et "
                    "al.: 2). The training perturbation exceeds eps by design; evaluation stays at eps.",
-                   lower_bound=0.0)
+                   **_bounds("nfgsm_noise_ratio"))
 flags.DEFINE_float("pairing_weight", D.pairing_weight, "Logit-pairing weight between the start and the "
                    "adversarial example (default: 10 for fgsm_pgi as its paper, 0 for rvs_init).",
-                   lower_bound=0.0)
+                   **_bounds("pairing_weight"))
 flags.DEFINE_float("prior_momentum", D.prior_momentum, "fgsm_pgi: decay of the gradient momentum moving its "
-                   "prior.", lower_bound=0.0, upper_bound=0.999)
+                   "prior.", **_bounds("prior_momentum"))
 flags.DEFINE_integer("generator_every", D.generator_every, "rvs_init: classifier steps per generator step "
-                     "(FGSM-SDI: 20).", lower_bound=1)
+                     "(FGSM-SDI: 20).", **_bounds("generator_every"))
 flags.DEFINE_integer("init_generator_width", D.init_generator_width, "rvs_init: channels of the generator's "
-                     "convolutions.", lower_bound=1)
+                     "convolutions.", **_bounds("init_generator_width"))
 flags.DEFINE_float("init_start_ratio", D.init_start_ratio, "rvs_init: the learned start lies within this "
-                   "many eps of x.", lower_bound=1e-9)
+                   "many eps of x.", **_bounds("init_start_ratio"))
 flags.DEFINE_bool("init_project", D.init_project, "rvs_init: project the final example onto the eps-ball "
                   "(off, with --init_start_ratio=2: a learned N-FGSM whose training perturbation exceeds eps "
                   "by design).")
 flags.DEFINE_float("init_ot_weight", D.init_ot_weight, "rvs_init: weight of RVS's feature OT term (0: off).",
-                   lower_bound=0.0)
+                   **_bounds("init_ot_weight"))
 flags.DEFINE_float("overfit_gap", D.overfit_gap, "Warn of catastrophic overfitting when validation FGSM "
-                   "accuracy exceeds PGD accuracy by more than this (a fraction).", lower_bound=0.01,
-                   upper_bound=1.0)
+                   "accuracy exceeds PGD accuracy by more than this (a fraction).", **_bounds("overfit_gap"))
 # RVS.
 DEFINE_fraction("eps", D.eps, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
                 lower=0.0, upper=1.0)
@@ -87,18 +93,20 @@ flags.DEFINE_enum("bound", D.bound, rvs.BOUNDS, "How G(z) is bounded by eps.")
 flags.DEFINE_bool("random_start", D.random_start, "Uniform random start before adding G(z).")
 flags.DEFINE_float("label_smoothing", D.label_smoothing, "Mass moved from the true class to the others "
                    "(default: 0.5 for rvs as the authors, 0.4 for fgsm_pgi (its authors' code keeps 0.6 on the "
-                   "true class), 0 for the other methods as their papers).", lower_bound=0.0, upper_bound=0.99)
-flags.DEFINE_float("ot_weight", D.ot_weight, "Weight of the OT term in the classifier loss.", lower_bound=0.0)
+                   "true class), 0 for the other methods as their papers).", **_bounds("label_smoothing"))
+flags.DEFINE_float("ot_weight", D.ot_weight, "Weight of the OT term in the classifier loss.",
+                   **_bounds("ot_weight"))
 flags.DEFINE_enum("ot_on", D.ot_on, rvs.OT_TARGETS, "What the OT term compares.")
-flags.DEFINE_float("ot_epsilon", D.ot_epsilon, "Entropic regularisation of the OT term.", lower_bound=1e-6)
+flags.DEFINE_float("ot_epsilon", D.ot_epsilon, "Entropic regularisation of the OT term.",
+                   **_bounds("ot_epsilon"))
 flags.DEFINE_string("ot_cost_scale", D.ot_cost_scale, "How --ot_epsilon is read: 'mean' or 'max' (relative "
                     "to that statistic of the cost matrix; converges fast), 'none' (absolute, the authors'), or "
                     "a number.")
-flags.DEFINE_integer("ot_max_iters", D.ot_max_iters, "Sinkhorn iteration cap.", lower_bound=1)
+flags.DEFINE_integer("ot_max_iters", D.ot_max_iters, "Sinkhorn iteration cap.", **_bounds("ot_max_iters"))
 flags.DEFINE_enum("ot_gradient", D.ot_gradient, sinkhorn.GRADIENTS, "Sinkhorn gradient mode.")
 flags.DEFINE_bool("ot_debiased", D.ot_debiased, "Use the debiased Sinkhorn divergence.")
 flags.DEFINE_float("clean_ce_weight", D.clean_ce_weight, "Weight of a clean cross-entropy term.",
-                   lower_bound=0.0)
+                   **_bounds("clean_ce_weight"))
 flags.DEFINE_enum("rvs_update", D.rvs_update, rvs.RVS_UPDATES,
                   "alternating: the authors' generator step then classifier step; simultaneous: both "
                   "players' gradients from one forward pass (cheaper; see RVSModel).")
@@ -107,23 +115,24 @@ flags.DEFINE_enum("feature_distance", D.feature_distance, rvs.FEATURE_DISTANCES,
 flags.DEFINE_bool("freeze_generator", D.freeze_generator, "Keep the generator at its random initialisation "
                   "(ablation: bounded noise of the same form, no synthesis).")
 flags.DEFINE_integer("eps_warmup_epochs", D.eps_warmup_epochs, "Epochs over which eps ramps up from 0.",
-                     lower_bound=0)
+                     **_bounds("eps_warmup_epochs"))
 # Optimisation.
 flags.DEFINE_enum("optimizer", D.optimizer, builder.OPTIMIZERS, "Classifier optimizer.")
-flags.DEFINE_float("lr", D.lr, "Classifier learning rate.", lower_bound=0.0)
+flags.DEFINE_float("lr", D.lr, "Classifier learning rate.", **_bounds("lr"))
 flags.DEFINE_list("lr_drop_epochs", [str(e) for e in D.lr_drop_epochs], "Epochs at which the classifier lr "
                   "is multiplied by --lr_drop_factor.")
-flags.DEFINE_float("lr_drop_factor", D.lr_drop_factor, "Learning-rate drop factor.", lower_bound=0.0,
-                   upper_bound=1.0)
-flags.DEFINE_float("momentum", D.momentum, "SGD momentum (both players).", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("lr_drop_factor", D.lr_drop_factor, "Learning-rate drop factor.",
+                   **_bounds("lr_drop_factor"))
+flags.DEFINE_float("momentum", D.momentum, "SGD momentum (both players).", **_bounds("momentum"))
 flags.DEFINE_float("weight_decay", D.weight_decay, "L2 on the classifier's kernels: wd * sum ||W||^2 / 2.",
-                   lower_bound=0.0)
+                   **_bounds("weight_decay"))
 flags.DEFINE_enum("generator_optimizer", D.generator_optimizer, builder.OPTIMIZERS, "Generator optimizer "
                   "(rvs, rvs_init; FGSM-SDI uses adam with --generator_lr=0.001).")
-flags.DEFINE_float("generator_lr", D.generator_lr, "Generator learning rate (constant).", lower_bound=0.0)
+flags.DEFINE_float("generator_lr", D.generator_lr, "Generator learning rate (constant).",
+                   **_bounds("generator_lr"))
 # Evaluation, checkpoints, export.
 flags.DEFINE_integer("eval_pgd_steps", D.eval_pgd_steps, "PGD steps of the per-epoch validation attack.",
-                     lower_bound=1)
+                     **_bounds("eval_pgd_steps"))
 flags.DEFINE_string("name", D.name, "Run name: names the workdir and the export (default: "
                     f"{RUN_NAME.replace('{', '<').replace('}', '>')}).")
 flags.DEFINE_string("workdir", D.workdir, f"Checkpoints and TensorBoard logs (default: {RUNS_DIR}/<name>).")
