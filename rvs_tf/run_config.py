@@ -73,6 +73,7 @@ BOUNDS = {  # field: (lowest, highest) value accepted, None for no bound (the fl
     "init_start_ratio": (1e-09, None),
     "init_ot_weight": (0.0, None),
     "overfit_gap": (0.01, 1.0),
+    "collapse_guard_window": (0, None),
     "label_smoothing": (0.0, 0.99),
     "ot_weight": (0.0, None),
     "ot_epsilon": (1e-06, None),
@@ -125,6 +126,7 @@ class RunConfig:
     init_project: bool = True
     init_ot_weight: float = 0.0
     overfit_gap: float = _setting(0.3)
+    collapse_guard_window: int = _setting(50)
     # RVS.
     eps: float = 0.1
     bound: str = "clip"

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from rvs_tf import checkpoints, data, distribute, export, runlock
 from rvs_tf.builder import LABEL_SMOOTHING, build_model
-from rvs_tf.guards import TrainingHalted
+from rvs_tf.guards import FeatureCollapseGuard, TrainingHalted
 from rvs_tf.monitors import CatastrophicOverfittingMonitor
 from rvs_tf.run_config import RunConfig
 
@@ -155,6 +155,7 @@ def _callbacks(run):
     images, labels = next(iter(sample_ds))
     logs = distribute.worker_dir(os.path.join(config.run_dir, "logs"), run.strategy)
     monitors = [] if config.method == "natural" else [CatastrophicOverfittingMonitor(config.overfit_gap)]
+    monitors.append(FeatureCollapseGuard(window=config.collapse_guard_window))  # fit would add the default
     return [*monitors, run.checkpoint, keras.callbacks.TensorBoard(logs), ImageSummaries(logs, images, labels)]
 
 

@@ -86,6 +86,9 @@ flags.DEFINE_float("init_ot_weight", D.init_ot_weight, "rvs_init: weight of RVS'
                    **_bounds("init_ot_weight"))
 flags.DEFINE_float("overfit_gap", D.overfit_gap, "Warn of catastrophic overfitting when validation FGSM "
                    "accuracy exceeds PGD accuracy by more than this (a fraction).", **_bounds("overfit_gap"))
+flags.DEFINE_integer("collapse_guard_window", D.collapse_guard_window, "Steps per window of the check that "
+                     "stops RVS when its classifier collapses or stalls near chance (rvs_tf.guards."
+                     "FeatureCollapseGuard); 0 turns it off.", **_bounds("collapse_guard_window"))
 # RVS.
 DEFINE_fraction("eps", D.eps, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
                 lower=0.0, upper=1.0)
