@@ -30,6 +30,7 @@ flags.DEFINE_string("work_dir", "runs/eval_speed", "Cache of trained models and 
 flags.DEFINE_bool("compare_art", False, "Time rvs_tf against IBM ART on APGD-CE, APGD-DLR and Square.")
 flags.DEFINE_integer("art_queries", 1000, "Square's queries in --compare_art.")
 flags.DEFINE_integer("art_batch_size", 250, "Batch size of both libraries in --compare_art.")
+flags.DEFINE_string("dataset", "fashion_mnist_idx", "Test images of --compare_art (an rvs_tf.data name).")
 FLAGS = flags.FLAGS
 
 
@@ -66,8 +67,9 @@ def _art_cascade(logits_fn, x, y, eps):
     from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
     from art.estimators.classification import TensorFlowV2Classifier
 
+    num_classes = int(logits_fn(tf.constant(x[:1])).shape[-1])
     classifier = TensorFlowV2Classifier(
-        model=lambda images, training=False: logits_fn(tf.cast(images, tf.float32)), nb_classes=10,
+        model=lambda images, training=False: logits_fn(tf.cast(images, tf.float32)), nb_classes=num_classes,
         input_shape=x.shape[1:], clip_values=(0.0, 1.0),
         loss_object=tf.keras.losses.CategoricalCrossentropy(from_logits=True))
     t0 = time.perf_counter()
@@ -81,7 +83,7 @@ def _art_cascade(logits_fn, x, y, eps):
     for attack in attacks:
         idx = np.flatnonzero(robust)
         if len(idx):
-            x_adv = attack.generate(x[idx], y=np.eye(10, dtype=np.float32)[y[idx]])
+            x_adv = attack.generate(x[idx], y=np.eye(num_classes, dtype=np.float32)[y[idx]])
             assert np.abs(x_adv - x[idx]).max() <= eps + 1e-5
             robust[idx] = np.argmax(classifier.predict(x_adv, batch_size=FLAGS.art_batch_size), -1) == y[idx]
         print(f"  ART {type(attack).__name__}: {robust.mean():.1%} left after {time.perf_counter() - t0:.0f} s",
@@ -96,7 +98,7 @@ def _compare_art():
     from rvs_tf.evaluate.runner import materialise
 
     logits_fn, _, description = evaluate.load_model(FLAGS.model)
-    ds, _ = make_eval_dataset("fashion_mnist_idx", num_examples=FLAGS.num_examples, batch_size=250)
+    ds, _ = make_eval_dataset(FLAGS.dataset, num_examples=FLAGS.num_examples, batch_size=250)
     x, y = materialise(ds, FLAGS.num_examples)
     specs = [evaluate.attack_spec("APGD-CE", "apgd", steps=100, loss="ce"),
              evaluate.attack_spec("APGD-DLR", "apgd", steps=100, loss="dlr"),
