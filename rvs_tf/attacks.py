@@ -246,7 +246,7 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
         interval[w], previous = w - previous, w
     interval = tf.constant(interval, tf.float32)
 
-    def body(k, out_x, out_w, where, live):
+    def body(k, out_x, where, live):
         xc, xp, gc, lc, xm, gm, fm, eta, n_up, fm_ck, red_ck, lo, hi, ys, ts = live
         a = tf.where(k == 0, 1.0, 0.75)  # no momentum on the first step
         z = tf.clip_by_value(xc + eta * tf.sign(gc), lo, hi)
@@ -254,7 +254,6 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
         ln, gn, wn = _evaluate(model, xn, ys, loss_fn, None if target is None else ts)
         broken = tf.boolean_mask(where, wn)[:, None]
         out_x = tf.tensor_scatter_nd_update(out_x, broken, tf.boolean_mask(xn, wn))
-        out_w = tf.tensor_scatter_nd_update(out_w, broken, tf.fill(tf.shape(broken)[:1], True))
         n_up += tf.cast(ln > lc, tf.float32)
         up = _per_example(ln > fm, xn)
         xm, gm, fm = tf.where(up, xn, xm), tf.where(up, gn, gm), tf.maximum(ln, fm)
@@ -268,17 +267,16 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
         live = (tf.where(h, xm, xn), tf.where(h, xm, xc), tf.where(h, gm, gn), tf.where(halve, fm, ln),
                 xm, gm, fm, tf.where(h, eta / 2.0, eta), tf.where(at_ck, 0.0, n_up),
                 tf.where(at_ck, fm, fm_ck), tf.where(at_ck, halve, red_ck), lo, hi, ys, ts)
-        return k + 1, out_x, out_w, tf.boolean_mask(where, ~wn), _shrink(live, ~wn)
+        return k + 1, out_x, tf.boolean_mask(where, ~wn), _shrink(live, ~wn)
 
     eta = _per_example(tf.fill(tf.shape(l0), 2.0 * eps), x)
     zeros = tf.zeros_like(l0)
     live = (x0, x0, g0, l0, x0, g0, l0, eta, zeros, l0, tf.zeros_like(w0), lo, hi, y, targets)
     where = tf.boolean_mask(tf.range(tf.shape(y, out_type=tf.int64)[0]), ~w0)
-    state = (tf.constant(0), tf.where(_per_example(w0, x), x0, x), w0, where, _shrink(live, ~w0))
-    invariants = (tf.TensorShape([]), x.shape, w0.shape, tf.TensorShape([None]),
-                  tuple(_any_batch(t) for t in live))
-    _, out_x, _, _, _ = tf.while_loop(lambda k, _x, _w, where, _l: (k < steps) & (tf.size(where) > 0),
-                                      body, state, shape_invariants=invariants)
+    state = (tf.constant(0), tf.where(_per_example(w0, x), x0, x), where, _shrink(live, ~w0))
+    invariants = (tf.TensorShape([]), x.shape, tf.TensorShape([None]), tuple(_any_batch(t) for t in live))
+    _, out_x, _, _ = tf.while_loop(lambda k, _x, where, _l: (k < steps) & (tf.size(where) > 0),
+                                   body, state, shape_invariants=invariants)
     # Re-check on the whole batch: a point found at the boundary in a smaller batch must still be
     # misclassified here, or the cascade would skip an example this run did not really break.
     wrong = tf.not_equal(tf.argmax(model_logits(model, out_x), -1, output_type=tf.int32), y)
