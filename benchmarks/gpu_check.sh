@@ -10,6 +10,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT="benchmarks/gpu_check_$(date +%Y%m%d).txt"
 export TF_CPP_MIN_LOG_LEVEL=2
+# No GPU visible to TensorFlow means CPU timings under a GPU file name: refuse instead. (The lent H200
+# image of 2026-11-29 had no TensorFlow and only CUDA 13 libraries, which TF 2.21 cannot load.)
+if ! "$PY" -c "import sys, tensorflow as tf; gpus = tf.config.list_physical_devices('GPU'); print('TensorFlow', tf.__version__, 'sees', gpus); sys.exit(0 if gpus else 1)"; then
+  echo "gpu_check.sh: TensorFlow ($PY) sees no GPU; install tensorflow[and-cuda] (CUDA 12 libraries) where a GPU is, or set PY" >&2
+  exit 1
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"
   for precision in float32 mixed_float16; do
