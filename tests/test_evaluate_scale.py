@@ -170,7 +170,7 @@ def test_two_worker_processes_give_the_single_process_report_and_only_the_chief_
                for _, err in outputs), outputs[1][1][-3000:]
 
 
-def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(tmp_path, capsys):
+def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(tmp_path, capsys, monkeypatch):
     from rvs_tf.cli import evaluate as cli
     from rvs_tf.data import DEFAULT_IDX_DIR
 
@@ -181,9 +181,9 @@ def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(
                               keras.layers.Flatten(), keras.layers.Dense(10)])
     model.save(tmp_path / "m.keras")
 
-    def rvs_evaluate(*argv):
+    def rvs_evaluate(*argv, model=tmp_path / "m.keras"):
         try:
-            cli.FLAGS(["rvs-evaluate", f"--model={tmp_path / 'm.keras'}", "--dataset=fashion_mnist_idx",
+            cli.FLAGS(["rvs-evaluate", f"--model={model}", "--dataset=fashion_mnist_idx",
                        "--attacks=fgsm,pgd20", "--num_examples=30", "--batch_size=10", "--sweep_examples=0",
                        "--noprogress", *argv])
             cli.main(["rvs-evaluate"])
@@ -193,7 +193,8 @@ def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(
 
     first = rvs_evaluate("--eps=0.05")
     assert (tmp_path / "m_eval" / "state" / "evaluation.json").exists()
-    again = rvs_evaluate("--eps=0.05")
+    monkeypatch.chdir(tmp_path)
+    again = rvs_evaluate("--eps=0.05", model="m.keras")  # the same model, spelled from another folder
     assert [r["batches_resumed"] for r in again["attacks"]] == [-(-r["examples_attacked"] // 10)
                                                                 for r in first["attacks"]]  # all of them
     assert accuracies_no_sweep(again) == accuracies_no_sweep(first)

@@ -56,6 +56,7 @@ def load_model(model):
         raise ValueError(f"model: expected a Keras model, a callable returning logits or a path, "
                          f"got {model!r}")
     path, _ = export.resolve_model_path(model)
+    path = os.path.realpath(path)  # one name however it is spelled: a resumed evaluation finds its state
     if path.endswith(".keras"):
         try:  # registers rvs_tf's custom layers and models with Keras, if they are there
             import rvs_tf.models  # noqa: F401
