@@ -54,7 +54,7 @@ def _take(dataset, num_examples):
 
 
 # Traces shared by every Keras model of one architecture, whose weights are arguments:
-# (architecture, what, input signature) -> (weak reference to the model traced, tf.function).
+# (architecture, what, input signature) -> (weak set of the models using it, tf.function).
 _SHARED_TRACES = {}
 # Layers whose computation is not all in their config and weights: a Lambda's function (its closure and
 # globals are not serialised), a TFSMLayer's SavedModel (which reads its own variables).
@@ -76,27 +76,45 @@ def _architecture(model):
                 or type(layer).__name__ in _OPAQUE_LAYERS):
             return None
     try:
-        config = json.dumps([kind.__name__, model.get_config()], sort_keys=True)  # not the compile config
+        config = model.get_config()
+        if _names_a_function(config):
+            return None
+        config = json.dumps([kind.__name__, config], sort_keys=True)  # not the compile config
     except (TypeError, ValueError, NotImplementedError):
         return None
     return config, tuple((v.path, tuple(v.shape), v.dtype, v.trainable) for v in model.variables)
 
 
-def _shared_trace(key, template, body, signature):
-    """The tf.function of `key`, made with `template` (a live Keras model) if none is cached or the model
-    it was made with is gone; entries of collected models are dropped, so the cache holds no model."""
-    for stale in [k for k, (ref, _) in _SHARED_TRACES.items() if ref() is None]:
+def _names_a_function(config):
+    """Whether a config holds a Python function (a custom activation, say): Keras writes one as its name
+    only, without its module's globals or its closure, so two different functions can read the same."""
+    if isinstance(config, dict):
+        return (config.get("class_name") in ("function", "__lambda__")
+                or any(_names_a_function(v) for v in config.values()))
+    if isinstance(config, (list, tuple)):
+        return any(_names_a_function(v) for v in config)
+    return False
+
+
+def _shared_trace(key, model, body, signature):
+    """The tf.function of `key`, made with `model` (a live Keras model) if none is cached. It traces with
+    any live model that uses it (all compute the same function of the weights), so a retrace after the
+    first model is gone still works; entries no live model uses are dropped, so the cache holds no model."""
+    for stale in [k for k, (users, _) in _SHARED_TRACES.items() if not users]:
         del _SHARED_TRACES[stale]
     if key not in _SHARED_TRACES:
-        ref = weakref.ref(template)
+        users = weakref.WeakSet()
 
-        def traced(weights, *args):  # traced once (fixed signature), while `template` is alive
-            return body(lambda x: ref().stateless_call(*weights, x, training=False)[0], *args)
+        def traced(weights, *args):  # traced once per signature and graph context, by a live user
+            template = next(iter(users))
+            return body(lambda x: template.stateless_call(*weights, x, training=False)[0], *args)
 
         weight_specs = [[tf.TensorSpec(v.shape, v.dtype) for v in variables] for variables in
-                        (template.trainable_variables, template.non_trainable_variables)]
-        _SHARED_TRACES[key] = ref, tf.function(traced, input_signature=[weight_specs, *signature])
-    return _SHARED_TRACES[key][1]
+                        (model.trainable_variables, model.non_trainable_variables)]
+        _SHARED_TRACES[key] = users, tf.function(traced, input_signature=[weight_specs, *signature])
+    users, function = _SHARED_TRACES[key]
+    users.add(model)
+    return function
 
 
 class Runner:
