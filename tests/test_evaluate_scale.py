@@ -94,6 +94,25 @@ def test_a_state_of_another_evaluation_is_refused_unless_restarting(tmp_path):
     assert json.loads((tmp_path / "evaluation.json").read_text())["fingerprint"]["eps"] == 0.1
 
 
+def test_a_state_resumes_under_rounding_noise_in_the_logits_but_not_after_the_weights_moved(tmp_path):
+    """Another process (other kernels, TF32 on a GPU) need not reproduce the logits bit for bit: noise
+    well inside LOGITS_TOLERANCE resumes; weights that moved are another model."""
+    x = np.zeros((6, 2, 2, 1), np.float32)
+    y = np.zeros(6, np.int64)
+    logits = np.random.default_rng(0).normal(size=(6, 10)) * 5
+
+    def state(first_logits, **kwargs):
+        return state_lib.EvaluationState(tmp_path, state_lib.fingerprint(
+            "m", first_logits, x, y, eps=0.1, specs=[], seed=0, cascade=True, batch_size=6), **kwargs)
+
+    state(logits)
+    assert not state(logits + 1e-4 * np.sign(logits)).fresh  # 1e-4 of logits up to ~10: resumed
+    with pytest.raises(ValueError, match=r"model logits on the first examples: differ by up to 0\.05"):
+        state(logits + 0.05)
+    with pytest.warns(UserWarning, match="discarding .*model logits"):
+        assert state(logits + 0.05, restart="mismatched").fresh
+
+
 def accuracies_no_sweep(report):
     return [(r["name"], r["correct"]) for r in report["attacks"]], report["worst_case"]["correct"]
 
@@ -198,6 +217,11 @@ def test_cli_resumes_from_its_default_state_and_refuses_an_explicit_foreign_one(
     assert [r["batches_resumed"] for r in again["attacks"]] == [-(-r["examples_attacked"] // 10)
                                                                 for r in first["attacks"]]  # all of them
     assert accuracies_no_sweep(again) == accuracies_no_sweep(first)
+    for before, after in zip(first["attacks"], again["attacks"]):  # the time counts the first run's work
+        assert 0 < after["seconds_in_earlier_runs"] <= before["seconds"]
+        assert after["seconds"] >= after["seconds_in_earlier_runs"]
+        assert after["images_per_second"] == pytest.approx(after["examples_attacked"] / after["seconds"])
+    assert again["timing"]["seconds"] > sum(r["seconds_in_earlier_runs"] for r in again["attacks"])
     with pytest.warns(UserWarning, match="discarding .*eps: 0.05 in the state, 0.1 now"):
         rvs_evaluate("--eps=0.1")  # the default state follows the command, as the report does
     with pytest.raises(ValueError, match="state_dir: expected the state of this evaluation"):

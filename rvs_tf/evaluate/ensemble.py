@@ -32,7 +32,7 @@ def run_ensemble(runner, specs, x, y, eps, cascade, state=None):
         progress = state.attack(position, spec.name, idx, runner.batch_size) if state is not None else None
         x_adv, wrong = runner.attack(spec, x[idx], y[idx], eps, f"{spec.describe(eps)}: {len(idx)} images",
                                      tag=spec.name, state=progress)
-        seconds = time.perf_counter() - t0
+        seconds = progress.seconds() if progress is not None else time.perf_counter() - t0
         hit = np.zeros(n, bool)
         hit[idx] = wrong
         found.broken[spec.name] = hit
@@ -44,6 +44,7 @@ def run_ensemble(runner, specs, x, y, eps, cascade, state=None):
         accuracy = rate(int(np.sum(correct & ~hit)) if alone else int(found.robust.sum()), n)
         found.rows.append(_row(spec, eps, alone, accuracy, len(idx), int(newly.sum()), seconds))
         found.rows[-1]["batches_resumed"] = progress.restored if progress is not None else 0
+        found.rows[-1]["seconds_in_earlier_runs"] = progress.earlier_seconds if progress is not None else 0.0
     return found
 
 

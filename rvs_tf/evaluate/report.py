@@ -67,7 +67,8 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
         sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
     sweep = (ensemble.sweep(runner, sweep_specs, x, y, found.correct, sweep_eps, sweep_examples)
              if sweep_examples else None)
-    seconds, n = time.perf_counter() - start, len(y)
+    # A resumed evaluation counts the time its killed runs spent on the batches it restored.
+    seconds, n = time.perf_counter() - start + sum(r["seconds_in_earlier_runs"] for r in found.rows), len(y)
     report = {
         "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
         "eps": eps, "norm": "Linf",

@@ -14,22 +14,30 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 
 import numpy as np
 
 from rvs_tf.checkpoints import replace_durably, write_json_atomic
 
-VERSION = 1
+# Bumped whenever an attack's results or the state's format change, so that no report mixes batches of two
+# versions (2: APGD and Square go on until an example is misclassified clearly; model logits with tolerance).
+VERSION = 2
+# A state's model is this evaluation's if their logits on the first examples agree to this (relative to the
+# largest logit, at least 1): another process's kernels (GPU, TF32) need not reproduce them bit for bit.
+LOGITS_TOLERANCE = 1e-3
+LOGITS_EXAMPLES = 4
 INDEX = "evaluation.json"
 
 
 def fingerprint(model_name, first_logits, x, y, *, eps, specs, seed, cascade, batch_size):
     """What an evaluation's state belongs to; a state is resumed only by an evaluation with the same one.
-    The model is named by its description and a digest of its logits on the first batch (weights moved
-    under the same path change it), the data by a digest of the images and labels."""
-    logits = np.round(np.asarray(first_logits, np.float64), 4) + 0.0  # + 0.0: -0.0 reads as 0.0
-    return {"model": model_name, "model_logits_first_batch": _digest(logits),
+    The model is named by its description and its logits on the first examples (weights moved under the
+    same path change them; they are compared with LOGITS_TOLERANCE), the data by a digest of the images
+    and labels."""
+    logits = np.asarray(first_logits, np.float64)[:LOGITS_EXAMPLES]
+    return {"model": model_name, "model_logits": [[float(f"{v:.6g}") for v in row] for row in logits],
             "data": _digest(np.ascontiguousarray(x), np.ascontiguousarray(y)), "num_examples": int(len(y)),
             "eps": float(eps), "attacks": [f"{s.name}: {s.fn} {dict(s.params)} white_box={s.white_box}"
                                            for s in specs],
@@ -65,7 +73,7 @@ class EvaluationState:
         self.directory, self.writable = os.fspath(directory), writable
         expected = {"version": VERSION, "fingerprint": print_}
         found = _read_json(os.path.join(self.directory, INDEX))
-        other = found is not None and found != expected
+        other = found is not None and bool(_mismatch(found, expected))
         self.fresh = found is not None and (restart is True or (other and restart == "mismatched"))
         if self.fresh:
             why = f"another evaluation's ({_mismatch(found, expected)})" if other else "restart=True"
@@ -89,12 +97,30 @@ class EvaluationState:
 
 
 def _mismatch(found, expected):
-    """The fields that differ, e.g. "eps: 0.1 in the state, 0.05 now"."""
+    """The fields that differ, e.g. "eps: 0.1 in the state, 0.05 now"; "" when the state is this one's."""
     if found.get("version") != expected["version"]:
         return f"format version {found.get('version')!r} in the state, {expected['version']} now"
     old, new = found.get("fingerprint") or {}, expected["fingerprint"]
-    return "; ".join(f"{k}: {old.get(k)!r} in the state, {new.get(k)!r} now"
-                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    differ = []
+    for k in sorted(set(old) | set(new)):
+        if k == "model_logits" and k in old:
+            gap = _logits_gap(old[k], new[k])
+            if gap is not None:
+                differ.append(f"model logits on the first examples: {gap}")
+        elif old.get(k) != new.get(k):
+            differ.append(f"{k}: {old.get(k)!r} in the state, {new.get(k)!r} now")
+    return "; ".join(differ)
+
+
+def _logits_gap(old, new):
+    """None if two lists of logits agree within LOGITS_TOLERANCE, else what differs."""
+    old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)
+    if old.shape != new.shape:
+        return f"shape {old.shape} in the state, {new.shape} now"
+    scale = max(1.0, float(np.max(np.abs(new), initial=0.0)))
+    gap = float(np.max(np.abs(old - new), initial=0.0))
+    tolerance = LOGITS_TOLERANCE * scale
+    return None if gap <= tolerance else f"differ by up to {gap:.3g} (tolerance {tolerance:.3g})"
 
 
 class AttackProgress:
@@ -105,6 +131,7 @@ class AttackProgress:
         self.examples = [int(i) for i in examples]
         self.writable, self.fresh = writable, fresh
         self.done, self.broken, self.restored = 0, [], 0
+        self.started, self.earlier_seconds = time.perf_counter(), 0.0  # time spent by killed runs
 
     def _batch_path(self, b):
         return os.path.join(self.directory, f"batch-{b:06d}.npz")
@@ -121,7 +148,7 @@ class AttackProgress:
             with np.load(self._batch_path(b)) as batch:
                 x_adv[b * self.batch_size:b * self.batch_size + len(batch["x_adv"])] = batch["x_adv"]
         self.done, self.broken = index["batches_done"], list(index["broken"])
-        self.restored = self.done
+        self.restored, self.earlier_seconds = self.done, float(index.get("seconds", 0.0))
         return self.done
 
     def save(self, batches):
@@ -140,7 +167,11 @@ class AttackProgress:
         write_json_atomic(os.path.join(self.directory, "index.json"), {
             "attack": self.name, "batch_size": self.batch_size, "examples": self.examples,
             "batches_done": self.done, "finished": min(self.done * self.batch_size, len(self.examples)),
-            "broken": self.broken})
+            "broken": self.broken, "seconds": self.seconds()})
+
+    def seconds(self):
+        """Seconds this attack has run, in this process and the earlier ones whose batches it restored."""
+        return self.earlier_seconds + time.perf_counter() - self.started
 
 
 def load_results(directory):
