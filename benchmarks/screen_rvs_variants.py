@@ -41,6 +41,9 @@ VARIANTS.update({
     # N-FGSM's lesson inside the learned start: a start within 2 eps, one step of eps, no projection.
     "init_nfgsm": INIT + ["--init_start_ratio=2", "--noinit_project"],
     "init_start2": INIT + ["--init_start_ratio=2"],
+    # N-FGSM's noise (2 eps, unprojected) under a learned offset of up to eps or half of it.
+    "init_noise2": INIT + ["--init_noise_ratio=2", "--noinit_project"],
+    "init_noise2_half": INIT + ["--init_noise_ratio=2", "--init_start_ratio=0.5", "--noinit_project"],
 })
 
 

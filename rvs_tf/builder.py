@@ -84,7 +84,8 @@ def _generator_model(config, classifier, image_shape, common):
         return RVSInitModel(
             classifier, generator, step_ratio=config.single_step_ratio, generator_every=config.generator_every,
             pairing_weight=config.pairing_weight or 0.0,
-            ot_weight=config.init_ot_weight, start_ratio=config.init_start_ratio, project=config.init_project,
+            ot_weight=config.init_ot_weight, start_ratio=config.init_start_ratio,
+            noise_ratio=config.init_noise_ratio, project=config.init_project,
             **_feature_term(config), **common)
     feature_width = classifier.get_layer(models.FEATURES_LAYER).output.shape[-1]
     generator = models.make_generator(config.noise_dim or feature_width, image_shape)

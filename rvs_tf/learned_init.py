@@ -6,6 +6,7 @@ gradient step instead of replacing it:
 
   s       = sign(d CE(f(x), y) / dx)                                    clean input gradient
   x_0     = clip01(x + eps * tanh(G([x, s, z])))                        a start inside the eps-ball
+            [+ noise_ratio * eps * U(-1, 1): N-FGSM's noise under the learned start, if asked]
   x_adv   = proj_eps,[0,1](x_0 + alpha * sign(d CE(f(x_0), y) / dx_0))  one signed step, projected
   f       <- descend CE(f(x_adv), smooth(y)) [+ pairing * mean (f(x_adv) - f(x_0))^2]
                                              [+ ot_weight * OT(h(x), h(x_adv))]
@@ -33,7 +34,12 @@ class RVSInitModel(GeneratorGame):
         start [B, H, W, C]; `rvs_tf.models.make_init_generator` builds one.
       eps: L-inf budget; every training example stays inside the eps-ball and [0, 1].
       step_ratio: alpha, the signed step from the start, in units of eps (FGSM-SDI: 1).
-      start_ratio: the start lies within start_ratio * eps of x (default 1: inside the eps-ball).
+      start_ratio: the learned start lies within start_ratio * eps of x (default 1: inside the eps-ball).
+      noise_ratio: uniform noise of up to noise_ratio * eps per pixel added to the learned start (default
+        0: none). N-FGSM's lesson: wide noise under the start keeps single-step training from overfitting
+        catastrophically; the generator learns an offset on top of it. The start then lies within
+        (noise_ratio + start_ratio) * eps of x; with `project=False` the training perturbation reaches
+        (noise_ratio + start_ratio + step_ratio) * eps by design.
       project: project the final example onto the eps-ball (default). With `project=False` and
         `start_ratio=2` the method is a learned N-FGSM: its training perturbation reaches
         (start_ratio + step_ratio) eps by design, as N-FGSM's; evaluation stays at eps.
@@ -52,11 +58,12 @@ class RVSInitModel(GeneratorGame):
     """
 
     def __init__(self, classifier, generator, *, eps, step_ratio=1.0, generator_every=20, pairing_weight=0.0,
-                 ot_weight=0.0, label_smoothing=0.0, start_ratio=1.0, project=True, **kwargs):
+                 ot_weight=0.0, label_smoothing=0.0, start_ratio=1.0, noise_ratio=0.0, project=True, **kwargs):
         super().__init__(classifier, generator, eps=eps, ot_weight=ot_weight, label_smoothing=label_smoothing,
                          **kwargs)
         check(float(step_ratio) > 0, f"step_ratio: expected > 0, got {step_ratio}")
         check(float(start_ratio) > 0, f"start_ratio: expected > 0, got {start_ratio}")
+        check(float(noise_ratio) >= 0, f"noise_ratio: expected >= 0, got {noise_ratio}")
         check(int(generator_every) >= 1, f"generator_every: expected >= 1, got {generator_every}")
         check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
         image_shape = tuple(classifier.input_shape[1:])
@@ -67,6 +74,7 @@ class RVSInitModel(GeneratorGame):
               f"{image_shape}, got input {in_shape} and output {out_shape} (see models.make_init_generator)")
         self.step_ratio = float(step_ratio)
         self.start_ratio = float(start_ratio)
+        self.noise_ratio = float(noise_ratio)
         self.project = bool(project)
         self.generator_every = int(generator_every)
         self.pairing_weight = float(pairing_weight)
@@ -78,7 +86,7 @@ class RVSInitModel(GeneratorGame):
 
     def get_config(self):
         return {**super().get_config(), "step_ratio": self.step_ratio, "generator_every": self.generator_every,
-                "start_ratio": self.start_ratio, "project": self.project,
+                "start_ratio": self.start_ratio, "noise_ratio": self.noise_ratio, "project": self.project,
                 "pairing_weight": self.pairing_weight}
 
     # -- the perturbation ------------------------------------------------------------------------------
@@ -86,11 +94,16 @@ class RVSInitModel(GeneratorGame):
         return tf.stop_gradient(tf.sign(input_gradient(self.cross_entropy_of(y), x)))
 
     def start(self, x, gradient_sign, eps, stream, training=True):
-        """x_0 = clip01(x + start_ratio * eps * tanh(G([x, s, z]))): inside that ball by construction."""
+        """x_0 = clip01(x [+ noise_ratio * eps * U(-1, 1)] + start_ratio * eps * tanh(G([x, s, z]))): within
+        (noise_ratio + start_ratio) * eps of x by construction."""
         noise = tf.random.stateless_normal(tf.concat([tf.shape(x)[:-1], [self.noise_channels]], 0),
                                            seed=self.step_seed(stream))
         raw = tf.cast(self.generator(tf.concat([x, gradient_sign, noise], -1), training=training), tf.float32)
-        return tf.clip_by_value(x + self.start_ratio * eps * tf.tanh(raw), 0.0, 1.0)
+        start = x + self.start_ratio * eps * tf.tanh(raw)
+        if self.noise_ratio:
+            start += self.noise_ratio * eps * tf.random.stateless_uniform(tf.shape(x), self.step_seed(stream + 8),
+                                                                         -1.0, 1.0)
+        return tf.clip_by_value(start, 0.0, 1.0)
 
     def step_from(self, x, y, start, eps):
         """One signed step of alpha from the start, projected onto the eps-ball (if `project`) and [0, 1].

@@ -71,6 +71,7 @@ BOUNDS = {  # field: (lowest, highest) value accepted, None for no bound (the fl
     "generator_every": (1, None),
     "init_generator_width": (1, None),
     "init_start_ratio": (1e-09, None),
+    "init_noise_ratio": (0.0, None),
     "init_ot_weight": (0.0, None),
     "overfit_gap": (0.01, 1.0),
     "collapse_guard_window": (0, None),
@@ -123,6 +124,7 @@ class RunConfig:
     generator_every: int = 20
     init_generator_width: int = 32
     init_start_ratio: float = 1.0
+    init_noise_ratio: float = 0.0
     init_project: bool = True
     init_ot_weight: float = 0.0
     overfit_gap: float = _setting(0.3)

@@ -211,3 +211,17 @@ def test_learned_nfgsm_leaves_the_ball_by_design_within_its_budget():
     distance = np.abs(x_adv - x.numpy())
     assert x_adv.min() >= 0 and x_adv.max() <= 1 and EPS + 1e-3 < distance.max() <= 3 * EPS + 1e-6
     assert RVSInitModel.from_config(model.get_config()).project is False
+
+
+def test_noise_under_the_learned_start_widens_it_within_its_budget():
+    x, y = batch()
+    sign = init_model().gradient_sign(x, y)
+    plain = init_model().start(x, sign, EPS, stream=0).numpy()
+    model = init_model(noise_ratio=2.0, start_ratio=0.5, project=False)
+    start = model.start(x, sign, EPS, stream=0).numpy()
+    distance = np.abs(start - x.numpy())
+    assert start.min() >= 0 and start.max() <= 1 and distance.max() <= 2.5 * EPS + 1e-6
+    assert distance.max() > 1.5 * EPS and np.abs(plain - x.numpy()).max() <= EPS + 1e-6  # the noise is there
+    assert RVSInitModel.from_config(model.get_config()).noise_ratio == 2.0
+    with pytest.raises(ValueError, match="noise_ratio: expected >= 0"):
+        init_model(noise_ratio=-1.0)

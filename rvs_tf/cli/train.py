@@ -79,6 +79,8 @@ flags.DEFINE_integer("init_generator_width", D.init_generator_width, "rvs_init: 
                      "convolutions.", **_bounds("init_generator_width"))
 flags.DEFINE_float("init_start_ratio", D.init_start_ratio, "rvs_init: the learned start lies within this "
                    "many eps of x.", **_bounds("init_start_ratio"))
+flags.DEFINE_float("init_noise_ratio", D.init_noise_ratio, "rvs_init: uniform noise of up to this many eps "
+                   "under the learned start (N-FGSM's noise; 0: none).", **_bounds("init_noise_ratio"))
 flags.DEFINE_bool("init_project", D.init_project, "rvs_init: project the final example onto the eps-ball "
                   "(off, with --init_start_ratio=2: a learned N-FGSM whose training perturbation exceeds eps "
                   "by design).")
