@@ -44,6 +44,9 @@ VARIANTS.update({
     # N-FGSM's noise (2 eps, unprojected) under a learned offset of up to eps or half of it.
     "init_noise2": INIT + ["--init_noise_ratio=2", "--noinit_project"],
     "init_noise2_half": INIT + ["--init_noise_ratio=2", "--init_start_ratio=0.5", "--noinit_project"],
+    # Its control: the same generator frozen at its random initialisation (does training it help?).
+    "init_noise2_half_frozen": INIT + ["--init_noise_ratio=2", "--init_start_ratio=0.5", "--noinit_project",
+                                       "--freeze_generator"],
 })
 
 
