@@ -1,0 +1,147 @@
+"""An independent check of a small-CNN model's worst case: the same weights in PyTorch, attacked by
+torchattacks' AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5,000; Croce & Hein's standard version, ported by
+Kim 2020), so no line of rvs_tf's attacks is involved. Run in two halves, since the GPU machines that have
+PyTorch need not have TensorFlow:
+
+  .venv/bin/python benchmarks/independent_check.py export --model_file=<run>/best_classifier.keras \
+      --out=.gpucheck/model.npz                     # weights, test images, reference logits (TensorFlow)
+  python3 benchmarks/independent_check.py attack --npz=.gpucheck/model.npz --eps=0.1   # PyTorch only
+
+`attack` first checks that the PyTorch port reproduces the Keras logits, then prints each attack's
+cumulative robust accuracy (each attacks only what the ones before left standing) and its time.
+Only `small_cnn` models (per-image standardisation, conv-ReLU blocks, max pooling, two dense layers)
+are ported.
+"""
+import argparse
+import time
+
+import numpy as np
+
+
+def export(options):
+    import keras
+
+    import rvs_tf.models  # noqa: F401  (registers rvs_tf's layers with Keras)
+    from rvs_tf import data
+
+    model = keras.saving.load_model(options.model_file, compile=False)
+    x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "test")
+    x, y = x[:options.num_examples], y[:options.num_examples]
+    images = np.round(x * 255).astype(np.uint8)
+    if not np.array_equal(images / np.float32(255), x):
+        raise SystemExit("images: expected multiples of 1/255, so that uint8 carries them exactly")
+    weights = {v.path.replace("/", "__"): v.numpy() for v in model.weights}
+    reference = model(x[:500], training=False).numpy()
+    np.savez_compressed(options.out, x=images, y=y.astype(np.int64), ref_logits=reference, **weights)
+    print(f"wrote {options.out}: {len(y)} images, {len(weights)} weight tensors")
+
+
+def torch_model(weights):
+    """The Keras small CNN in PyTorch, on NCHW images in [0, 1]."""
+    import torch
+    from torch import nn
+
+    def tensor(name):
+        return torch.tensor(weights[name])
+
+    class SmallCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList()
+            for name in sorted(k[:-len("__kernel")] for k in weights if k.startswith("conv") and
+                               k.endswith("__kernel")):
+                kernel = tensor(f"{name}__kernel")  # Keras [kh, kw, in, out] -> PyTorch [out, in, kh, kw]
+                conv = nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[0], padding="same")
+                conv.weight.data, conv.bias.data = kernel.permute(3, 2, 0, 1).contiguous(), tensor(f"{name}__bias")
+                self.convs.append(conv)
+            self.features, self.logits = nn.Linear(1, 1), nn.Linear(1, 1)
+            for layer, name in ((self.features, "features"), (self.logits, "logits")):
+                layer.weight.data = tensor(f"{name}__kernel").T.contiguous()
+                layer.bias.data = tensor(f"{name}__bias")
+
+        def forward(self, x):
+            n = x[0].numel()
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) / torch.sqrt(torch.clamp(var, min=1.0 / n))
+            for i, conv in enumerate(self.convs):
+                x = torch.relu(conv(x))
+                if i % 2 == 1:  # two convolutions per stage, then 2x2 max pooling ("same": ceil)
+                    x = nn.functional.max_pool2d(x, 2, ceil_mode=True)
+            x = x.permute(0, 2, 3, 1).flatten(1)  # Keras flattens NHWC
+            return self.logits(torch.relu(self.features(x)))
+
+    return SmallCNN().eval()
+
+
+def attack(options):
+    import torch
+    import torchattacks
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # attack the model's float32 function, not TF32's
+    torch.backends.cudnn.allow_tf32 = False
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = np.load(options.npz)
+    weights = {k: data[k] for k in data.files if "__" in k}
+    model = torch_model(weights).to(device)
+    x = torch.tensor(data["x"][:options.num_examples], dtype=torch.float32).div(255).permute(0, 3, 1, 2)
+    y = torch.tensor(data["y"][:options.num_examples])
+    with torch.no_grad():
+        ported = model(x[:len(data["ref_logits"])].to(device)).cpu().numpy()
+    gap = float(np.abs(ported - data["ref_logits"]).max())
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torchattacks "
+          f"{torchattacks.__version__}; port max |logit difference| on {len(ported)} images: {gap:.2e}")
+    if gap > 1e-3:
+        raise SystemExit("the PyTorch port does not reproduce the Keras model's logits")
+
+    def predict(images):
+        with torch.no_grad():
+            return torch.cat([model(b.to(device)).argmax(1).cpu() for b in images.split(options.batch_size)])
+
+    robust = predict(x) == y
+    print(f"clean: {robust.float().mean() * 100:.2f}% of {len(y)}", flush=True)
+    eps = options.eps
+    attacks = [
+        ("APGD-CE 100", torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, loss="ce", seed=0)),
+        ("APGD-T 100 x 9 targets", torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_classes=10,
+                                                      seed=0)),
+        ("FAB-T 100 x 9 targets", torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_classes=10,
+                                                  multi_targeted=True, seed=0)),
+        ("Square 5000", torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, seed=0)),
+    ]
+    start = time.perf_counter()
+    for name, attacker in attacks:
+        t0 = time.perf_counter()
+        idx = torch.nonzero(robust).flatten()
+        for chunk in idx.split(options.batch_size):
+            adv = attacker(x[chunk].to(device), y[chunk].to(device)).cpu()
+            if (adv - x[chunk]).abs().max() > eps + 1e-6 or adv.min() < 0 or adv.max() > 1:
+                raise SystemExit(f"{name}: left the eps-ball or [0, 1]")
+            robust[chunk] &= predict(adv) == y[chunk]
+        print(f"{name}: attacked {len(idx)}, robust after it {robust.float().mean() * 100:.2f}% "
+              f"({int(robust.sum())}), {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"worst case (AutoAttack standard, eps {eps}): {robust.float().mean() * 100:.2f}% "
+          f"({int(robust.sum())}/{len(y)}), {time.perf_counter() - start:.1f} s")
+    if options.robust_out:
+        np.save(options.robust_out, robust.numpy())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    out = sub.add_parser("export")
+    out.add_argument("--model_file", required=True, help="a small_cnn .keras file (a run's best_classifier.keras)")
+    out.add_argument("--out", required=True)
+    out.add_argument("--num_examples", type=int, default=10000)
+    run = sub.add_parser("attack")
+    run.add_argument("--npz", required=True)
+    run.add_argument("--eps", type=float, default=0.1)
+    run.add_argument("--num_examples", type=int, default=10000)
+    run.add_argument("--batch_size", type=int, default=2500)
+    run.add_argument("--robust_out", default=None, help="where to save the per-example robust mask (.npy)")
+    options = parser.parse_args()
+    export(options) if options.command == "export" else attack(options)
+
+
+if __name__ == "__main__":
+    main()
