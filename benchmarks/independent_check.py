@@ -7,12 +7,18 @@ PyTorch need not have TensorFlow:
       --out=.gpucheck/model.npz                     # weights, test images, reference logits (TensorFlow)
   python3 benchmarks/independent_check.py attack --npz=.gpucheck/model.npz --eps=0.1   # PyTorch only
 
+  .venv/bin/python benchmarks/independent_check.py compare --robust=robust.npz \
+      --state_dirs='benchmarks/runs/{name}/eval/state'     # per example, against rvs-evaluate's state
+
 `attack` first checks that the PyTorch port reproduces the Keras logits, then prints each attack's
-cumulative robust accuracy (each attacks only what the ones before left standing) and its time.
+cumulative robust accuracy (each attacks only what the ones before left standing) and its time; with
+--robust_out it saves which examples survived, which `compare` sets against the examples rvs-evaluate
+left standing (from its resumable state folder: every attack's finished batches).
 Only `small_cnn` models (per-image standardisation, conv-ReLU blocks, max pooling, two dense layers)
 are ported.
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -126,6 +132,31 @@ def attack(options):
         np.save(options.robust_out, robust.numpy())
 
 
+def compare(options):
+    """Per example: what each implementation broke that the other did not, and the worst case of both."""
+    import glob
+    import json
+
+    masks = np.load(options.robust)
+    masks = {"model": masks} if isinstance(masks, np.ndarray) else dict(masks)
+    print("| model | rvs_tf ensemble | AutoAttack (torchattacks) | broken by rvs_tf only | by AutoAttack only "
+          "| both together |")
+    print("|---|---|---|---|---|---|")
+    for name, theirs in sorted(masks.items()):
+        folder = options.state_dirs.format(name=name)
+        attacks = [json.load(open(os.path.join(d, "index.json"), encoding="utf-8"))
+                   for d in sorted(glob.glob(os.path.join(folder, "[0-9][0-9]-*")))]
+        if not attacks:
+            print(f"| {name} | (no state in {folder}) | {100 * theirs.mean():.1f} | | | |")
+            continue
+        ours = np.zeros(len(theirs), bool)
+        ours[attacks[0]["examples"]] = True  # the first attack runs on every correctly classified example
+        for attack in attacks:
+            ours[attack["broken"]] = False
+        print(f"| {name} | {100 * ours.mean():.1f} | {100 * theirs.mean():.1f} | {int(np.sum(theirs & ~ours))} "
+              f"| {int(np.sum(ours & ~theirs))} | {100 * np.mean(ours & theirs):.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,8 +170,11 @@ def main():
     run.add_argument("--num_examples", type=int, default=10000)
     run.add_argument("--batch_size", type=int, default=2500)
     run.add_argument("--robust_out", default=None, help="where to save the per-example robust mask (.npy)")
+    both = sub.add_parser("compare")
+    both.add_argument("--robust", required=True, help="attack's --robust_out: one .npy, or an .npz of several")
+    both.add_argument("--state_dirs", required=True, help="rvs-evaluate's state folder; {name}: the .npz key")
     options = parser.parse_args()
-    export(options) if options.command == "export" else attack(options)
+    {"export": export, "attack": attack, "compare": compare}[options.command](options)
 
 
 if __name__ == "__main__":
