@@ -152,8 +152,8 @@ def _evaluate(model, x, y, loss_fn, target=None, grad=True, margins=False):
         loss = loss_fn(logits, y, target)
     g = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO) if grad else None
     if margins:
-        margin = _margin(logits, y)
-        return loss, g, margin, margin > CLEAR_MARGIN * tf.maximum(1.0, tf.reduce_max(tf.abs(logits), -1))
+        margin = margin_loss(logits, y)
+        return loss, g, margin, margin > _clear_margin(logits)
     wrong = tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
     return loss, g, wrong
 
@@ -163,12 +163,9 @@ def _evaluate(model, x, y, loss_fn, target=None, grad=True, margins=False):
 CLEAR_MARGIN = 0.01
 
 
-def _margin(logits, y):
-    """Best other logit - true logit, per example."""
-    logits = tf.cast(logits, tf.float32)
-    true = tf.gather(logits, y, batch_dims=1)
-    other = tf.reduce_max(tf.where(tf.one_hot(y, tf.shape(logits)[-1]) > 0, tf.float32.min, logits), -1)
-    return other - true
+def _clear_margin(logits):
+    """Per example, the margin (`margin_loss`) past which it is misclassified clearly."""
+    return CLEAR_MARGIN * tf.maximum(1.0, tf.reduce_max(tf.abs(logits), -1))
 
 
 # ----------------------------------------------------------------------------------------------- attacks
@@ -366,6 +363,13 @@ def _square_window(u, size, height, width):
 _P_HALVING = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # a tuple: no TF op at import (MultiWorker needs that)
 
 
+def _square_side(i, queries, p_init, height, width):
+    """The side of query i's square: it covers a fraction p of the image, p_init halved at _P_HALVING
+    (rescaled from a 10k budget to `queries`)."""
+    p = p_init / 2.0 ** tf.reduce_sum(tf.cast(i * 10000 // queries > _P_HALVING, tf.float32))
+    return tf.clip_by_value(tf.cast(tf.round(tf.sqrt(p * height * width)), tf.int32), 1, min(height, width) - 1)
+
+
 @_graph_ready
 def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
     """Square attack (Andriushchenko et al. 2020), L-inf, untargeted, gradient-free.
@@ -389,26 +393,19 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
     lo, hi = ball(x, eps)
     eps = tf.cast(eps, tf.float32)
 
-    def margin(xa, ya):
-        return -margin_loss(model_logits(model, xa), ya)
-
     stripes = tf.where(_uniform(tf.stack([tf.shape(x)[0], 1, width, channels]), 0.0, 1.0, seed, 0) < 0.5,
                        -eps, eps)
     x_best = tf.clip_by_value(x + stripes, lo, hi)
     logits = model_logits(model, x_best)
     m_best = -margin_loss(logits, y)
-    # Query on until an example is misclassified clearly (see CLEAR_MARGIN), not merely at the boundary.
-    tol = -CLEAR_MARGIN * tf.maximum(1.0, tf.reduce_max(tf.abs(logits), -1))
+    tol = -_clear_margin(logits)  # query on until an example is misclassified clearly, not at the boundary
 
     def body(i, x_best, m_best):
         idx = tf.where(m_best > tol)[:, 0]
         n = tf.shape(idx)[0]
         xs, xb, ys = tf.gather(x, idx), tf.gather(x_best, idx), tf.gather(y, idx)
         los, his = tf.gather(lo, idx), tf.gather(hi, idx)
-        halvings = tf.reduce_sum(tf.cast(i * 10000 // queries > _P_HALVING, tf.float32))
-        p = p_init / 2.0 ** halvings
-        s = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(p * height * width)), tf.int32), 1,
-                             min(height, width) - 1)
+        s = _square_side(i, queries, p_init, height, width)
         u = _uniform(tf.stack([n, 2 + channels]), 0.0, 1.0, seed, i)
         window = _square_window(u, s, height, width)
         step = tf.where(u[:, 2:] < 0.5, -eps, eps)[:, None, None, :]
@@ -417,7 +414,7 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
                                   axis=[1, 2, 3])
         step = tf.where(unchanged[:, None, None, None], -step, step)
         x_new = tf.where(window, tf.clip_by_value(xs + step, los, his), xb)
-        m_new = margin(x_new, ys)
+        m_new = -margin_loss(model_logits(model, x_new), ys)
         better = m_new < tf.gather(m_best, idx)
         x_best = tf.tensor_scatter_nd_update(x_best, idx[:, None],
                                              tf.where(better[:, None, None, None], x_new, xb))

@@ -73,15 +73,16 @@ class EvaluationState:
         self.directory, self.writable = os.fspath(directory), writable
         expected = {"version": VERSION, "fingerprint": print_}
         found = _read_json(os.path.join(self.directory, INDEX))
-        other = found is not None and bool(_mismatch(found, expected))
+        differ = _mismatch(found, expected) if found is not None else ""
+        other = bool(differ)
         self.fresh = found is not None and (restart is True or (other and restart == "mismatched"))
         if self.fresh:
-            why = f"another evaluation's ({_mismatch(found, expected)})" if other else "restart=True"
+            why = f"another evaluation's ({differ})" if other else "restart=True"
             warnings.warn(f"state_dir: discarding the saved progress in {self.directory}: {why}",
                           stacklevel=3)
         elif other:
             raise ValueError(f"state_dir: expected the state of this evaluation in {self.directory}, got "
-                             f"one of another ({_mismatch(found, expected)}); pass restart=True "
+                             f"one of another ({differ}); pass restart=True "
                              "(rvs-evaluate --restart) to discard it, or choose another state_dir")
         if self.writable:
             if self.fresh:
