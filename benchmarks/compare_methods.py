@@ -69,6 +69,10 @@ for _name, (_flags, _what) in SINGLE_STEP.items():
 # The screened variant with the best validation PGD-10 (its epoch 1; it overfits catastrophically after).
 ROWS["rvs_init_ls0.4"] = (SINGLE_STEP["rvs_init"][0][:-1] + ["--label_smoothing=0.4"],
                           "rvs_init with label smoothing 0.4 (best validation PGD-10 of the screening)")
+# bfloat16 training (issue 24): each must fall within its float32 seeds' spread before the long budget
+# uses it. Evaluated as every row: the export computes in float32.
+for _name in ("pgd", "nfgsm", "rvs"):
+    ROWS[f"{_name}_bf16"] = (ROWS[_name][0] + ["--precision=mixed_bfloat16"], f"{_name} trained in bfloat16")
 # The larger budget, where FGSM-RS is expected to collapse: every single-step row, and PGD-AT as reference.
 LARGE_EPS = 0.2
 for _name in ("fgsm_rs", "pgd", "nfgsm", "fgsm_pgi", "rvs_init", "rvs"):
@@ -83,6 +87,33 @@ FAMILIES = {  # --method -> (family, colour)
     "rvs": ("RVS (generator of z)", "tab:orange"), "rvs_init": ("learned initialisation", "tab:green"),
 }
 RESULTS_DIR = os.path.join(HERE, "results")  # one small JSON per finished row, kept in git
+# The budgets: the short one of the first table (about one pass over the data), and the long one users
+# train at (issue 22): 10 data epochs of batch 128, the learning rate dropped for the last third.
+BUDGETS = {"short": dict(epochs=3, steps_per_epoch=150, lr_drop_epochs=""),
+           "long": dict(epochs=10, steps_per_epoch=450, lr_drop_epochs="7")}
+# Long-budget rows, in the order they run (the cheap and decisive ones first), and the precision they
+# train in: bfloat16 was validated against the float32 seeds at the short budget (pgd_bf16, nfgsm_bf16,
+# rvs_bf16). Evaluation is float32 either way (exports compute in float32).
+LONG_ROWS = ("natural", "nfgsm", "pgd", "rvs", "rvs_init_noise2", "rvs_init_noise2_frozen", "fgsm_rs",
+             "trades", "pgd_seed1", "nfgsm_seed1", "rvs_seed1")
+LONG_PRECISION = ["--precision=mixed_bfloat16"]
+# rvs_init with N-FGSM's noise (the best screened setting, FINDINGS.md) and its frozen-generator control.
+_INIT_NOISE = SINGLE_STEP["rvs_init"][0] + ["--init_noise_ratio=2", "--init_start_ratio=0.5", "--noinit_project"]
+ROWS["rvs_init_noise2"] = (_INIT_NOISE, "rvs_init under N-FGSM's noise: U(-2 eps, 2 eps) plus a learned "
+                           "offset of up to eps/2, unprojected")
+ROWS["rvs_init_noise2_frozen"] = (_INIT_NOISE + ["--freeze_generator"],
+                                  "its control: the same generator frozen at its random initialisation")
+LONG_ONLY = ("rvs_init_noise2", "rvs_init_noise2_frozen")
+SHORT_ROWS = tuple(name for name in ROWS if name not in LONG_ONLY)
+
+
+def results_dir(budget):
+    return RESULTS_DIR if budget == "short" else os.path.join(RESULTS_DIR, budget)
+
+
+def row_flags(name, budget):
+    """The row's rvs-train flags at this budget (the long budget adds its precision)."""
+    return ROWS[name][0] + (LONG_PRECISION if budget == "long" else [])
 
 
 def run(args, log):
@@ -105,9 +136,11 @@ def row_eps(name):
 
 def run_row(name, options):
     """Train and evaluate one row, unless benchmarks/results/<row>.json already holds it (--rerun)."""
-    flags, _ = ROWS[name]
-    if load_row(name) and not options.rerun:
+    flags = row_flags(name, options.budget)
+    if load_row(name, options.budget) and not options.rerun:
         return
+    # A row killed mid-training resumes from its last finished epoch (rvs-train resumes its workdir), and
+    # one killed mid-evaluation from its last finished attack batch (rvs-evaluate's state).
     folder = os.path.join(options.workdir, name)
     report_path = os.path.join(folder, "eval", "report.json")
     if not os.path.isfile(report_path):
@@ -132,7 +165,9 @@ def save_summary(name, folder, options):
     history = state["history"]
     seconds = [epoch["train_seconds"] for epoch in history.values() if "train_seconds" in epoch]
     summary = {
-        "row": name, "flags": ROWS[name][0], "budget": {"epochs": options.epochs,
+        "row": name, "flags": row_flags(name, options.budget), "best_epoch": state.get("best", {}).get("epoch"),
+        "train_seconds": [history[e].get("train_seconds") for e in sorted(history, key=int)],
+        "budget": {"epochs": options.epochs,
                                                        "steps_per_epoch": options.steps_per_epoch,
                                                        "lr_drop_epochs": options.lr_drop_epochs},
         "eval": {"attacks": options.attacks, "examples": options.eval_examples},
@@ -143,14 +178,14 @@ def save_summary(name, folder, options):
         "report": {key: report[key] for key in ("clean", "worst_case", "attacks", "sanity_checks", "eps")
                    if key in report},
     }
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w", encoding="utf-8") as handle:
+    os.makedirs(results_dir(options.budget), exist_ok=True)
+    with open(os.path.join(results_dir(options.budget), f"{name}.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1, sort_keys=True, default=str)
 
 
-def load_row(name):
+def load_row(name, budget="short"):
     try:
-        with open(os.path.join(RESULTS_DIR, f"{name}.json"), encoding="utf-8") as handle:
+        with open(os.path.join(results_dir(budget), f"{name}.json"), encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         return None
@@ -190,7 +225,7 @@ def cost_ratio(name, row, natural_seconds, ratios):
 
 
 def write_results(options):
-    rows = {name: load_row(name) for name in ROWS}
+    rows = {name: load_row(name) for name in SHORT_ROWS}
     done = {name: row for name, row in rows.items() if row}
     # Label smoothing costs nothing, so natural_ls0.5 times natural training when that row is missing.
     reference = next((done[name] for name in ("natural", "natural_ls0.5") if name in done), None)
@@ -201,8 +236,8 @@ def write_results(options):
         "# Defences and ablations on Fashion-MNIST, eps 0.1 and 0.2",
         "",
         "Made by `python benchmarks/compare_methods.py` (see its docstring). Every row: "
-        f"`flags/fashion_mnist.cfg` (small CNN, Adam 1e-3, batch 128), {options.epochs} epochs of "
-        f"{options.steps_per_epoch} steps, the row's flags; evaluated on the first {options.eval_examples} "
+        "`flags/fashion_mnist.cfg` (small CNN, Adam 1e-3, batch 128), the budget of its section, "
+        f"the row's flags; evaluated on the first {options.eval_examples} "
         f"Fashion-MNIST test images (the same for every row) with `rvs-evaluate --attacks={options.attacks}` "
         "at the eps the row trained with. Each finished row is kept in `benchmarks/results/<row>.json`.",
         "Accuracies in %, 95% Clopper-Pearson intervals in brackets. The worst case counts an image as robust "
@@ -216,12 +251,13 @@ def write_results(options):
     if first:
         attack_names = "; ".join(f"{a['description']} [{a['accuracy_kind']}]" for a in first["attacks"])
         lines += [f"Ensemble: {attack_names}.", ""]
+    lines += ["# The short budget: 3 epochs of 150 steps (about one pass over the data)", ""]
     for eps in sorted({row_eps(name) for name in ROWS}):
         lines += [f"## eps {eps:g}", "",
                   "| row | clean | PGD-20 | worst case (ensemble) | s/epoch | step x nat. | CO | flags |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, (flags, what) in ROWS.items():
-            if row_eps(name) != eps:
+            if row_eps(name) != eps or name in LONG_ONLY:
                 continue
             row = rows[name]
             if not row:
@@ -246,12 +282,89 @@ def write_results(options):
     if recovered:
         lines += ["", f"Rows recovered from the table of an earlier RESULTS.md (per-epoch logs not kept): "
                   f"{', '.join(recovered)}."]
+    lines += long_budget_section(options)
     if os.path.isfile(os.path.join(HERE, "FINDINGS.md")):
         lines += ["", open(os.path.join(HERE, "FINDINGS.md"), encoding="utf-8").read().strip()]
     with open(os.path.join(HERE, "RESULTS.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     plot_tradeoff(done, natural_seconds, ratios)
     print("\n".join(lines))
+
+
+def long_budget_section(options):
+    """RESULTS.md's long-budget section: each row with its validation curve, the epoch its checkpoint was
+    kept from and its robust-overfitting drop, the two-seed means, and front_over_time.png."""
+    budget = BUDGETS["long"]
+    done = {name: row for name in LONG_ROWS if (row := load_row(name, "long"))}
+    lines = ["", f"# The long budget: {budget['epochs']} epochs of {budget['steps_per_epoch']} steps "
+             f"(about {budget['epochs']} passes over the data), learning rate x0.1 after epoch "
+             f"{budget['lr_drop_epochs']}", "",
+             "Made by `python benchmarks/compare_methods.py --budget=long` (resumable: a killed row resumes "
+             "from its last epoch). Rows train in bfloat16 (`--precision=mixed_bfloat16`, validated at the "
+             "short budget: `*_bf16` rows above); every figure is evaluated in float32 on the same 1,000 "
+             "test images with the same ensemble as the short budget. `kept`: the epoch whose checkpoint "
+             "was kept (best validation PGD-10); `drop`: validation PGD-10 of the best epoch minus the "
+             "last (robust overfitting). Curves: validation PGD-10 (clean) per epoch, 2,000 held-out "
+             "training images.", "",
+             "| row | clean | PGD-20 | worst case (ensemble) | kept | drop | s/epoch | CO | precision |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in LONG_ROWS:
+        row = done.get(name)
+        if not row:
+            lines.append(f"| {name} | not run yet | | | | | | | |")
+            continue
+        report, curve = row["report"], _curve(row)
+        pgd = attack_accuracy(report, "PGD-20")
+        best = max(v for _, _, v in curve) if curve else float("nan")
+        co = ", ".join(map(str, row.get("catastrophic_overfitting_epochs") or [])) or "-"
+        precision = next((f.split("=", 1)[1] for f in row["flags"] if f.startswith("--precision=")), "float32")
+        lines.append(f"| {name}: {ROWS[name][1]} | {interval(report['clean'])} | "
+                     f"{interval(pgd) if pgd else ''} | **{interval(report['worst_case'])}** | "
+                     f"{row.get('best_epoch')} | {best - curve[-1][2]:.1f} | {row['seconds_per_epoch']:.0f} | "
+                     f"{co} | {precision} |")
+    lines += ["", "Validation curves (epoch: PGD-10 % (clean %)):", ""]
+    for name, row in done.items():
+        lines.append(f"- {name}: " + ", ".join(f"{e}: {p:.1f} ({c:.1f})" for e, c, p in _curve(row)))
+    lines += seed_spread(done)
+    if done:
+        plot_front_over_time(done)
+        lines += ["", "![validation PGD-10 against training time](front_over_time.png)"]
+    return lines
+
+
+def _curve(row):
+    """[(epoch, validation clean %, validation PGD-10 %)] of a row, in epoch order."""
+    return [(int(e), 100 * logs["val_clean_accuracy"], 100 * logs["val_pgd_accuracy"])
+            for e, logs in sorted(row.get("validation", {}).items(), key=lambda item: int(item[0]))
+            if "val_pgd_accuracy" in logs]
+
+
+def plot_front_over_time(done):
+    """front_over_time.png: validation PGD-10 against cumulative training seconds, one line per row (what
+    a user with a fixed compute budget reads), from the stored long-budget rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 6))
+    styles = {}
+    for name, row in done.items():
+        curve, seconds = _curve(row), row.get("train_seconds") or []
+        if len(seconds) != len(curve) or None in seconds:
+            continue
+        elapsed = [sum(seconds[:i + 1]) / 60 for i in range(len(seconds))]
+        colour = FAMILIES[row_method(name)][1]
+        styles[colour] = styles.get(colour, -1) + 1
+        axes.plot(elapsed, [p for _, _, p in curve], marker="o", markersize=3, color=colour,
+                  ls=("-", "--", ":", "-.")[styles[colour] % 4], label=name)
+    axes.set(xlabel="training time (minutes, 2-core CPU, bfloat16; validation not counted)",
+             ylabel="validation PGD-10 accuracy (%)",
+             title="Long budget: robustness against training time (Fashion-MNIST, eps 0.1)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(os.path.join(HERE, "front_over_time.png"), dpi=110)
 
 
 def seed_spread(done):
@@ -383,16 +496,21 @@ def plot_tradeoff(done, natural_seconds, ratios):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows: " + ", ".join(ROWS))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps_per_epoch", type=int, default=150)
-    parser.add_argument("--lr_drop_epochs", default="", help="as rvs-train's flag (default: no drop)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: every row of the "
+                        "budget): " + ", ".join(ROWS))
+    parser.add_argument("--budget", default="short", choices=sorted(BUDGETS),
+                        help="short: " + str(BUDGETS["short"]) + "; long: " + str(BUDGETS["long"]))
     parser.add_argument("--eval_examples", type=int, default=1000)
     parser.add_argument("--attacks", default="standard")
-    parser.add_argument("--workdir", default=os.path.join(HERE, "runs"))
+    parser.add_argument("--workdir", default=None, help="default: benchmarks/runs (short budget), "
+                        "benchmarks/runs_long (long)")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--rerun", action="store_true", help="run rows again that benchmarks/results/ holds")
     options = parser.parse_args()
+    for key, value in BUDGETS[options.budget].items():
+        setattr(options, key, value)
+    options.workdir = options.workdir or os.path.join(HERE, "runs" if options.budget == "short" else "runs_long")
+    options.rows = options.rows or ",".join(LONG_ROWS if options.budget == "long" else SHORT_ROWS)
     unknown = [r for r in options.rows.split(",") if r not in ROWS]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; expected some of {list(ROWS)}")

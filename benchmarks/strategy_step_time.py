@@ -40,16 +40,16 @@ def time_cell(cell):
     import keras
     import numpy as np
 
-    from rvs_tf import distribute
+    from rvs_tf import distribute, precision
     from rvs_tf.builder import build_model
     from rvs_tf.run_config import RunConfig
 
-    distribute.set_mixed_precision(cell["precision"])
+    precision.set_policy(cell["precision"])
     strategy = distribute.get_strategy(cell["strategy"], devices=["/cpu:0", "/cpu:1"]
                                        if cell["strategy"] == "mirrored" else None)
     keras.utils.set_random_seed(0)
     config = RunConfig(method="rvs", eps=0.1, lr=0.01, batch_size=FLAGS.batch_size, jit_compile=cell["jit"],
-                       mixed_precision=cell["precision"], strategy=cell["strategy"])
+                       precision=cell["precision"], strategy=cell["strategy"])
     with strategy.scope():  # the model rvs-train builds (rvs_tf.builder)
         model = build_model(config, (28, 28, 1), 10, steps_per_epoch=1000)
     if cell["jit"] and not model.jit_compile:

@@ -151,6 +151,12 @@ def load_idx_arrays(directory, split, *, num_classes=None):
 # Sources: uint8 (image, label) datasets before batching
 # ----------------------------------------------------------------------------------------------
 
+def published_train_size(name):
+    """The published size of `name`'s training split (what the full run reads, before the hold-out)."""
+    _check_name(name)
+    return _KNOWN[name][3]
+
+
 def _check_name(name):
     if name not in TFDS_DATASETS + LOCAL_DATASETS:
         raise ValueError(f"dataset: expected one of {', '.join(TFDS_DATASETS + LOCAL_DATASETS)}, "

@@ -1,7 +1,7 @@
-"""Strategies, precision and XLA for rvs-train, and who writes files when several workers train.
+"""Strategies and XLA for rvs-train, and who writes files when several workers train.
 
   strategy = get_strategy("mirrored")          # or "default", "multi_worker" (reads TF_CONFIG)
-  set_mixed_precision("mixed_float16")         # before the models are built
+  precision.set_policy("auto")                 # before the models are built (rvs_tf.precision)
   with strategy.scope():
       model = RVSModel(...); model.compile(..., jit_compile=resolve_jit_compile(flag, strategy))
   checkpoints_dir = worker_dir(path)            # the chief writes `path`, other workers a scratch copy
@@ -15,11 +15,9 @@ import shutil
 import tempfile
 import warnings
 
-import keras
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _COMMUNICATION = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                   "ring": tf.distribute.experimental.CommunicationImplementation.RING,
                   "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}
@@ -122,26 +120,6 @@ def discard_worker_dir(directory, strategy=None):
     """Remove a non-chief worker's scratch copy (a no-op on the chief)."""
     if not is_chief(strategy):
         shutil.rmtree(os.path.dirname(worker_dir(directory, strategy)), ignore_errors=True)
-
-
-def set_mixed_precision(policy):
-    """Set Keras's global dtype policy for `--mixed_precision` and return its name.
-
-    `policy`: "float32", "mixed_float16" (GPUs; the models then compute in float16 while their variables,
-    logits, losses and the OT term stay float32, and both RVS optimizers scale the loss) or
-    "mixed_bfloat16" (TPUs, recent CPUs); True/False mean mixed_float16/float32. Call it before building
-    the models: a layer takes the policy in force when it is created.
-    """
-    if isinstance(policy, bool) or policy is None:
-        policy = "mixed_float16" if policy else "float32"
-    text = str(policy).strip().lower()
-    text = {"true": "mixed_float16", "1": "mixed_float16", "false": "float32", "0": "float32",
-            "none": "float32", "": "float32"}.get(text, text)
-    if text not in PRECISIONS:
-        raise ValueError(f"--mixed_precision: expected one of {', '.join(PRECISIONS)} (or true/false), "
-                         f"got {policy!r}")
-    keras.config.set_dtype_policy(text)
-    return text
 
 
 def resolve_jit_compile(jit_compile, strategy=None):

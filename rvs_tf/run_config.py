@@ -9,9 +9,9 @@ import dataclasses
 import os
 from typing import Optional, Tuple, Union
 
-from rvs_tf import data, distribute, models, rvs, sinkhorn
+from rvs_tf import data, distribute, models, precision, rvs, sinkhorn
 from rvs_tf.builder import METHODS, OPTIMIZERS
-from rvs_tf.export import DEFAULT_EXPORT_DIR, NAME_PATTERN
+from rvs_tf.export import DEFAULT_EXPORT_DIR, NAME_PATTERN, SERVING_PRECISIONS
 
 RUNS_DIR = "runs"  # the default workdir is <RUNS_DIR>/<run name>
 RUN_NAME = "{dataset}_{method}"  # the default run name
@@ -165,7 +165,8 @@ class RunConfig:
     deterministic: bool = False  # op determinism changes the kernels and so the figures
     jit_compile: bool = _setting(False)
     strategy: str = _setting("default")
-    mixed_precision: str = "float32"
+    precision: str = "float32"
+    serving_precision: str = _setting("float32")
 
     def __post_init__(self):
         object.__setattr__(self, "lr_drop_epochs", parse_drop_epochs(self.lr_drop_epochs))
@@ -179,6 +180,8 @@ class RunConfig:
                 expected = (f"a number in [{low}, {high}]" if low is not None and high is not None else
                             f"a number >= {low}" if low is not None else f"a number <= {high}")
                 raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        if (self.wrn_depth - 4) % 6:
+            raise ValueError(f"wrn_depth: expected 6n + 4 with n >= 1 (e.g. 16, 28, 34), got {self.wrn_depth}")
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"name: expected letters, digits, '_', '-' or '.' (it names a folder), got "
                              f"{self.name!r}")
@@ -221,4 +224,4 @@ _CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "arch": models.ARCHITECTUR
             "bound": rvs.BOUNDS, "ot_on": rvs.OT_TARGETS, "ot_gradient": sinkhorn.GRADIENTS,
             "rvs_update": rvs.RVS_UPDATES, "feature_distance": rvs.FEATURE_DISTANCES, "optimizer": OPTIMIZERS,
             "generator_optimizer": OPTIMIZERS, "strategy": distribute.STRATEGIES,
-            "mixed_precision": distribute.PRECISIONS}
+            "precision": precision.PRECISIONS, "serving_precision": SERVING_PRECISIONS}

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import keras
 import tensorflow as tf
 
-from rvs_tf import checkpoints, data, distribute, export, runlock
+from rvs_tf import checkpoints, data, distribute, export, precision, runlock
 from rvs_tf.builder import LABEL_SMOOTHING, build_model
 from rvs_tf.guards import FeatureCollapseGuard, TrainingHalted
 from rvs_tf.monitors import CatastrophicOverfittingMonitor
@@ -62,7 +62,10 @@ def start(config):
     """The strategy and dtype policy (before any other TensorFlow operation), and the output folders
     checked or made; returns (strategy, whether this worker is the chief)."""
     strategy = distribute.get_strategy(config.strategy)
-    distribute.set_mixed_precision(config.mixed_precision)
+    policy, note = precision.resolve(config.precision)
+    precision.set_policy(policy)
+    if config.precision == "auto":
+        print(note)
     chief = distribute.is_chief(strategy)
     if config.export and chief:
         export.check_writable(config.export_dir)
@@ -200,7 +203,7 @@ def _metadata(run, best_epoch, minutes, test_clean):
     return {
         "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
         "class_names": list(info.class_names), "eps": config.eps, "method": config.method, "arch": config.arch,
-        "strategy": config.strategy, "flags": config.record(), "best_epoch": best_epoch,
+        "strategy": config.strategy, "precision": keras.config.dtype_policy().name, "flags": config.record(), "best_epoch": best_epoch,
         "train_minutes": round(minutes, 2),
         "metrics": {"test_clean_accuracy": test_clean,
                     **run.checkpoint.state.get("history", {}).get(str(best_epoch), {})},
@@ -225,7 +228,8 @@ def finalise(run, started):
     checkpoints.save_classifier(run.model.classifier, config.run_dir, metadata)
     if not config.export:
         return RunResult(best_epoch, metadata, None)
-    path = export.export_classifier(run.model.classifier, config.export_dir, config.run_name, metadata=metadata)
+    path = export.export_classifier(run.model.classifier, config.export_dir, config.run_name, metadata=metadata,
+                                    serving_precision=config.serving_precision)
     checkpoints.write_json_atomic(os.path.join(config.run_dir, checkpoints.EXPORT_RECORD_FILE),
                                   {"path": path, "best_epoch": best_epoch})
     print(f"Exported to {path}")

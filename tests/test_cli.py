@@ -163,13 +163,14 @@ def test_rvs_evaluate_on_the_export(trained):
 
 def test_mirrored_strategy_and_bfloat16_from_the_command_line(trained, tmp_path):
     tmp, _, _ = trained
-    args = command(tmp, "--strategy=mirrored", "--mixed_precision=mixed_bfloat16", epochs=1)
+    args = command(tmp, "--strategy=mirrored", "--precision=mixed_bfloat16", epochs=1)
     args = [a for a in args if not a.startswith(("--workdir", "--export_dir"))]
     result = run(args + [f"--workdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exports'}"])
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "exports" / "tiny" / "1" / "saved_model.pb").is_file()
     metadata = export.read_metadata(str(tmp_path / "exports" / "tiny" / "1"))
-    assert metadata["strategy"] == "mirrored" and metadata["flags"]["mixed_precision"] == "mixed_bfloat16"
+    assert metadata["strategy"] == "mirrored" and metadata["flags"]["precision"] == "mixed_bfloat16"
+    assert metadata["precision"] == "mixed_bfloat16" and metadata["serving_precision"] == "float32"
 
 
 def test_resumed_run_matches_an_uninterrupted_one(trained, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rvs_tf import distribute, sinkhorn
+from rvs_tf import distribute, precision, sinkhorn
 from rvs_tf.baselines import NaturalModel
 from rvs_tf.training import RVSModel, smooth_labels
 
@@ -75,8 +75,8 @@ def test_bad_strategy_and_precision_name_the_flags(monkeypatch):
                                                 "task": {"type": "worker", "index": 4}}))
     with pytest.raises(ValueError, match="valid index"):
         distribute.get_strategy("multi_worker")
-    with pytest.raises(ValueError, match="--mixed_precision"):
-        distribute.set_mixed_precision("float8")
+    with pytest.raises(ValueError, match="--precision"):
+        precision.set_policy("float8")
     assert distribute.get_strategy("default").num_replicas_in_sync == 1
     assert mirrored().num_replicas_in_sync == 2
 
@@ -104,7 +104,7 @@ def test_only_one_process_is_chief(monkeypatch, tmp_path, cluster, task, chief):
 
 def test_mixed_precision_policy_and_rvs_step():
     try:
-        assert distribute.set_mixed_precision(True) == "mixed_float16"
+        assert precision.set_policy("mixed_float16") == "mixed_float16"
         model = RVSModel(classifier(), constant_generator(), eps=EPS, **OT)
         model.compile(classifier_optimizer=keras.optimizers.SGD(0.1), generator_optimizer="sgd")
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -120,7 +120,7 @@ def test_mixed_precision_policy_and_rvs_step():
         after = model.classifier.trainable_variables
         assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, after))
     finally:
-        distribute.set_mixed_precision("float32")
+        precision.set_policy("float32")
     assert keras.config.dtype_policy().name == "float32"
 
 

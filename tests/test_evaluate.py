@@ -174,12 +174,12 @@ def test_report_rejects_bad_input():
 
 
 def test_mixed_precision_models_are_attacked_through_a_float32_copy(tmp_path):
-    from rvs_tf import distribute, models
+    from rvs_tf import models, precision
     try:
-        distribute.set_mixed_precision("mixed_float16")
+        precision.set_policy("mixed_float16")
         mixed = models.build_classifier("small_cnn", (28, 28, 1), 10)
     finally:
-        distribute.set_mixed_precision("float32")
+        precision.set_policy("float32")
     assert any(layer.compute_dtype == "float16" for layer in mixed.layers)
     path = str(tmp_path / "mixed.keras")
     mixed.save(path)
@@ -194,11 +194,11 @@ def test_mixed_precision_models_are_attacked_through_a_float32_copy(tmp_path):
     same, note = evaluate.float32_copy(plain)
     assert same is plain and note == ""
     try:
-        distribute.set_mixed_precision("mixed_float16")
+        precision.set_policy("mixed_float16")
         from rvs_tf.baselines import NaturalModel
         trainer = NaturalModel(models.build_classifier("small_cnn", (28, 28, 1), 10), eps=0.1)
     finally:
-        distribute.set_mixed_precision("float32")
+        precision.set_policy("float32")
     copy, _, name = evaluate.load_model(trainer)
     assert "float32 copy" in name and copy.dtype_policy.compute_dtype == "float32"
 
@@ -296,3 +296,49 @@ def test_models_whose_config_does_not_describe_them_get_traces_of_their_own():
     from rvs_tf.models import small_cnn
     assert runner._architecture(small_cnn(widths=(4,))) == runner._architecture(small_cnn(widths=(4,)))
     assert runner._architecture(small_cnn(widths=(4,))) != runner._architecture(small_cnn(widths=(8,)))
+
+
+def test_bfloat16_search_counts_only_float32_verdicts(natural):
+    """A search model that calls every image misclassified (a worst-case disagreement with the float32
+    model): none of its breaks counts unconfirmed; each is attacked again in float32, so nothing the
+    float32 attack breaks is lost."""
+    from rvs_tf.evaluate.runner import Runner
+
+    model, x, y = natural
+    x, y = x[:60], y[:60].astype(np.int64)
+    liar = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                             keras.layers.Dense(10, kernel_initializer="zeros", bias_initializer="zeros")])
+    liar_class = (y[0] + 1) % 10
+    liar.layers[-1].bias.assign(np.eye(10, dtype=np.float32)[liar_class] * 50)  # one constant class
+    spec = attack_spec("PGD-20", "pgd", steps=20)
+    plain = Runner(model, x.shape[1:], 30, 0, False)
+    searched = Runner(model, x.shape[1:], 30, 0, False, search_model=liar)
+    x_ref, wrong_ref = plain.attack(spec, x, y, 0.05, "", tag="t")
+    x_adv, wrong = searched.attack(spec, x, y, 0.05, "", tag="t")
+    assert searched.rechecked["PGD-20"] > 0
+    float32_wrong = np.argmax(model.predict(x_adv, verbose=0), -1) != y
+    np.testing.assert_array_equal(wrong, float32_wrong)  # the verdict is the float32 model's
+    lied = y != liar_class  # the search "broke" all of these, whatever the image
+    assert np.all(wrong[wrong_ref & lied])  # nothing the float32 attack breaks is lost
+    assert np.sum(lied & ~wrong) > 0  # the search's false breaks do not count
+    assert np.max(np.abs(x_adv - x)) <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
+    model, x, y = natural
+    x, y = x[:100], y[:100]
+    kwargs = dict(eps=0.05, attacks=FAST, batch_size=50, sweep_examples=0, progress=False)
+    full = evaluate.robustness_report(model, (x, y), **kwargs)
+    fast = evaluate.robustness_report(model, (x, y), precision="mixed_bfloat16", **kwargs)
+    assert full["precision"]["search"] == "float32" and fast["precision"]["search"] == "mixed_bfloat16"
+    assert fast["clean"] == full["clean"]  # verdicts are float32
+    assert abs(fast["worst_case"]["accuracy"] - full["worst_case"]["accuracy"]) <= 0.03
+    path = export_lib.export_classifier(model, str(tmp_path), "m", metadata={"eps": 0.05})
+    from_export = evaluate.robustness_report(path, (x, y), precision="mixed_bfloat16", **kwargs)
+    assert from_export["precision"]["search"] == "mixed_bfloat16"
+    assert abs(from_export["worst_case"]["accuracy"] - fast["worst_case"]["accuracy"]) <= 0.02
+    export(model, tmp_path / "old" / "1", {"eps": 0.05})  # an export without the search signature
+    old = evaluate.robustness_report(str(tmp_path / "old"), (x, y), precision="mixed_bfloat16", **kwargs)
+    assert old["precision"]["search"] == "float32" and "search_bfloat16" in old["precision"]["note"]
+    with pytest.raises(ValueError, match="precision: attacks search in float32 or mixed_bfloat16"):
+        evaluate.robustness_report(model, (x, y), precision="mixed_float16", **kwargs)

@@ -40,14 +40,14 @@ def test_signature_versions_and_metadata(tmp_path):
     np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(out["classes"].numpy(), expected.argmax(-1))
-    assert export.read_metadata(first) == {"dataset": "toy", "eps": 0.1}
+    assert export.read_metadata(first) == {"dataset": "toy", "eps": 0.1, "serving_precision": "float32"}
     # No training state: the generator, optimizers and RVS wrapper are not part of the export.
     assert not any("optimizer" in v.name for v in loaded.variables)
 
     assert export.resolve_model_path(os.path.join(root, "demo")) == (second, 2)  # newest, as TF Serving
     logits, metadata, _ = evaluate.load_model(os.path.join(root, "demo"))
     np.testing.assert_allclose(logits(x).numpy(), expected, atol=1e-5)
-    assert metadata == {}  # version 2 was exported without metadata
+    assert metadata == {"serving_precision": "float32"}  # version 2 was exported without run metadata
 
 
 def test_failed_export_leaves_earlier_versions_intact(tmp_path, monkeypatch):

@@ -11,10 +11,10 @@ import dataclasses
 
 from absl import flags, logging
 
-from rvs_tf import builder, distribute, models, rvs, sinkhorn
+from rvs_tf import builder, distribute, models, precision, rvs, sinkhorn
 from rvs_tf.cli import errors
 from rvs_tf.cli.flag_types import DEFINE_fraction
-from rvs_tf.export import NAME_PATTERN
+from rvs_tf.export import NAME_PATTERN, SERVING_PRECISIONS
 from rvs_tf.run_config import (AUGMENTS, BOUNDS, DATASETS, RUN_NAME, RUNS_DIR, RunConfig, parse_cost_scale,
                                parse_drop_epochs)
 from rvs_tf.runs import train_and_export
@@ -154,9 +154,14 @@ flags.DEFINE_bool("jit_compile", D.jit_compile, "XLA-compile the train step (mea
 flags.DEFINE_enum("strategy", D.strategy, distribute.STRATEGIES,
                   "tf.distribute strategy: one device, all local GPUs (MirroredStrategy), or several "
                   "machines (MultiWorkerMirroredStrategy from TF_CONFIG; see docs/serving_and_scale.md).")
-flags.DEFINE_enum("mixed_precision", D.mixed_precision, distribute.PRECISIONS,
-                  "Keras dtype policy; logits, losses and the OT term stay float32. mixed_float16 is for "
-                  "GPUs (emulated, very slow on CPU).")
+flags.DEFINE_enum("precision", D.precision, precision.PRECISIONS,
+                  "Keras dtype policy of the models; logits, losses and the OT term stay float32. auto: "
+                  "mixed_bfloat16 on a CPU with AMX/AVX512-BF16 or a GPU of compute capability >= 8.0 where "
+                  "a timing probe confirms it, else float32 (a note says why). mixed_float16 is for GPUs "
+                  "(emulated, very slow on CPU).")
+flags.DEFINE_enum("serving_precision", D.serving_precision, SERVING_PRECISIONS,
+                  "What the export computes in (its signatures are float32 either way): float32, whatever "
+                  "the model trained in, or mixed_bfloat16 (faster on AMX CPUs; see README).")
 
 
 def _valid(parse, value):
@@ -181,10 +186,23 @@ def config_from_flags():
     return RunConfig(**{field.name: FLAGS[field.name].value for field in dataclasses.fields(RunConfig)})
 
 
+flags.DEFINE_bool("dry_run", False, "Check the whole run in a minute or two instead of running it: the real "
+                  "model, optimisers, schedule, OT settings, precision and strategy for a few steps on data of "
+                  "the dataset's shape (TFDS mocked, no download), then checkpoint, resume, evaluate a few "
+                  "images and export (to --export_dir if given, else a temporary folder); prints the full "
+                  "run's parameters, steps and ETA. Lower --batch_size to fit this machine.")
+flags.DEFINE_integer("dry_run_steps", 3, "Training steps per dry-run epoch.", lower_bound=1)
+
+
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # TF's INFO lines drown the progress bars
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.dry_run:
+        from rvs_tf.dry_run import dry_run
+
+        dry_run(config_from_flags(), steps=FLAGS.dry_run_steps)
+        return
     train_and_export(config_from_flags())
 
 

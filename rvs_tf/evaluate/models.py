@@ -6,38 +6,7 @@ import warnings
 import keras
 
 from rvs_tf import export
-
-
-def mixed_policies(model):
-    """Names of the mixed-precision dtype policies among the model's layers."""
-    return sorted({layer.dtype_policy.name for layer in model._flatten_layers()
-                   if layer.dtype_policy.name.startswith("mixed")})
-
-
-def float32_copy(model):
-    """(model, note): a float32 twin of a mixed-precision Keras model (same weights) and a note saying so
-    for the report, or the model itself and "" if it already computes in float32.
-
-    Attacks need float32 gradients: in float16, small input gradients underflow to zero and a white-box
-    attack fails where it would succeed, which reads as robustness (a form of gradient masking).
-    """
-    mixed = mixed_policies(model)
-    if not mixed:
-        return model, ""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("float32")  # for sublayers that layers create in their constructors
-    try:
-        copy = keras.models.clone_model(
-            model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(),
-                                                                             "dtype": "float32"}))
-    except Exception as error:  # e.g. a subclassed model that clone_model cannot rebuild
-        raise ValueError(f"model: computes in {mixed}; attacks need a float32 copy, which "
-                         f"keras.models.clone_model could not build ({error}). Rebuild the model under "
-                         f"the float32 policy, load its weights, and evaluate that.") from error
-    finally:
-        keras.config.set_dtype_policy(previous)
-    copy.set_weights(model.get_weights())
-    return copy, f" (float32 copy of its {'/'.join(mixed)} weights)"
+from rvs_tf.precision import float32_copy, mixed_policies
 
 
 def load_model(model):
@@ -67,6 +36,26 @@ def load_model(model):
     return _load_version(path)
 
 
+def search_model(model, policy):
+    """(what the attacks search with, note): `model` itself for float32; for mixed_bfloat16 a bfloat16 copy
+    of a Keras model or an export's `search_bfloat16` signature, or `model` with a note saying why not."""
+    if policy == "float32":
+        return model, ""
+    if policy != "mixed_bfloat16":
+        raise ValueError(f"precision: attacks search in float32 or mixed_bfloat16, got {policy!r}")
+    if isinstance(model, keras.Model):
+        from rvs_tf.precision import cast_copy
+        try:
+            return cast_copy(model, policy), ""
+        except ValueError as error:
+            return model, f"float32 search: {error}"
+    search = getattr(model, "bfloat16_search", None)
+    if search is None:
+        return model, ("float32 search: the model offers no bfloat16 computation (an export written "
+                       f"before rvs_tf had the {export.SEARCH_SIGNATURE!r} signature, or a plain callable)")
+    return search, ""
+
+
 def _load_version(path):
     """An exported version: its serving signature's logits, its metadata, a warning if not float32."""
     import tensorflow as tf
@@ -77,8 +66,13 @@ def _load_version(path):
     def logits_fn(x, _keep=loaded):  # holds the SavedModel, whose variables the signature reads
         return signature(**{input_name: x})[export.LOGITS_OUTPUT]
 
+    if export.SEARCH_SIGNATURE in loaded.signatures:  # see `search_model`
+        search = loaded.signatures[export.SEARCH_SIGNATURE]
+        logits_fn.bfloat16_search = lambda x, _keep=loaded: search(images=x)[export.LOGITS_OUTPUT]
+
     metadata = export.read_metadata(path)
-    policy = (metadata.get("flags") or {}).get("mixed_precision", "float32")
+    flags = metadata.get("flags") or {}
+    policy = metadata.get("serving_precision") or flags.get("mixed_precision", "float32")
     if policy != "float32":  # the export computes as it was trained; its gradients may underflow
         warnings.warn(f"model: {path} computes in {policy}, so attack gradients may underflow and "
                       "overstate robustness; for trustworthy figures evaluate the run's "

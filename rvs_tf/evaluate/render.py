@@ -31,6 +31,12 @@ def format_summary(report):
     lines.append(f"{label}: {format_rate(wc)}")
     for c in report["sanity_checks"]:
         lines.append(f"check {c['name']}: {_status(c['passed'])} ({c['detail']})")
+    found = report.get("precision") or {}
+    if found:
+        rechecked = sum(found.get("search_breaks_rechecked_in_float32", {}).values())
+        lines.append(f"attacks searched in {found['search']}, verdicts in float32"
+                     + (f" ({rechecked} search breaks re-attacked in float32)" if found["search"] != "float32" else "")
+                     + (f"; {found['note']}" if found.get("note") else ""))
     lines.append(f"{report['timing']['images_per_second']:.2f} images/s, {report['timing']['seconds']:.1f} s")
     return lines
 

@@ -5,9 +5,10 @@ import time
 import contextlib
 import os
 
+from rvs_tf import precision as precision_lib
 from rvs_tf.arguments import check_int
 from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib, state as state_lib
-from rvs_tf.evaluate.models import load_model
+from rvs_tf.evaluate.models import load_model, search_model
 from rvs_tf.evaluate.runner import Runner, materialise
 from rvs_tf.evaluate.shards import resolve_strategy
 from rvs_tf.evaluate.statistics import rate
@@ -27,7 +28,7 @@ METHOD = (
 def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=None, batch_size=500,
                       cascade=True, sweep_eps=None, sweep_examples=100, sweep_attacks=None, output_dir=None,
                       seed=0, progress=True, class_names=None, dataset_name=None, tolerance=0.01,
-                      state_dir=None, restart=False, strategy=None):
+                      state_dir=None, restart=False, strategy=None, precision="float32"):
     """Attack `model` on `dataset` at L-inf radius `eps`; return the report as a JSON-ready dict.
 
     model: Keras model returning logits, a callable returning logits (or a dict with "logits"), or the
@@ -45,9 +46,17 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     evaluation). None: nothing is kept.
     strategy: a tf.distribute.Strategy or "default" / "mirrored" / "multi_worker": the attack batches are
     dealt to its replicas (same per-example results as one device); only the chief writes files.
+    precision: what the attacks search in: "float32", "mixed_bfloat16" (steps and queries computed in
+    bfloat16, several times faster on CPUs with AMX; every break is re-checked in float32 and, where not
+    clearly confirmed, attacked again in float32) or "auto" (bfloat16 where the hardware runs it fast, see
+    `rvs_tf.precision`). The report's accuracies are float32 verdicts whatever the search used.
     """
     _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
     strategy = resolve_strategy(strategy)
+    search_policy, search_note = precision_lib.resolve(precision)
+    if search_policy == "mixed_float16":
+        raise ValueError("precision: attacks search in float32 or mixed_bfloat16 (float16 gradients "
+                         "underflow, which reads as robustness), got mixed_float16")
     preset = attacks if isinstance(attacks, str) else "custom"
     specs = specs_lib.resolve_attacks(attacks)
     eps = float(eps)
@@ -57,11 +66,13 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     with strategy.scope() if strategy is not None else contextlib.nullcontext():  # weights on every replica
         logits_fn, metadata, model_name = load_model(model)
     x, y = materialise(dataset, num_examples)
-    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy)
+    search, fallback = search_model(logits_fn, search_policy)
+    search_policy = search_policy if search is not logits_fn else "float32"
+    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy, search_model=search)
     class_names = _class_names(class_names, metadata, runner.num_classes(x), y)
     state = None if state_dir is None else state_lib.EvaluationState(state_dir, state_lib.fingerprint(
         model_name, runner.logits(x[:batch_size]), x, y, eps=eps, specs=specs, seed=seed, cascade=cascade,
-        batch_size=batch_size), restart=restart, writable=runner.shards.chief)  # only the chief writes
+        batch_size=batch_size, search_precision=search_policy), restart=restart, writable=runner.shards.chief)  # only the chief writes
     found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade, state)
     sweep_specs = specs_lib.resolve_attacks(
         sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
@@ -72,6 +83,9 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     report = {
         "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
         "eps": eps, "norm": "Linf",
+        "precision": {"search": search_policy, "verdicts": "float32",
+                      "note": fallback or (search_note if precision == "auto" else ""),
+                      "search_breaks_rechecked_in_float32": dict(runner.rechecked)},
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
         "clean": rate(int(found.correct.sum()), n),
         "attacks": found.rows,

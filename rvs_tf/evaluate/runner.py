@@ -53,6 +53,12 @@ def _take(dataset, num_examples):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _clearly_wrong(model, x, y):
+    """Per example, whether `model` misclassifies x by more than the attacks' clear margin."""
+    logits = attacks_lib.model_logits(model, x)
+    return attacks_lib.margin_loss(logits, tf.cast(y, tf.int32)) > attacks_lib.clear_margin(logits)
+
+
 # Traces shared by every Keras model of one architecture, whose weights are arguments:
 # (architecture, what, input signature) -> (weak set of the models using it, tf.function).
 _SHARED_TRACES = {}
@@ -117,34 +123,55 @@ def _shared_trace(key, model, body, signature):
     return function
 
 
+class _Bound:
+    """A model as the traces see it: its architecture key (see `_architecture`) and its weights, read
+    once (evaluation never changes them)."""
+
+    def __init__(self, model):
+        self.model, self.architecture = model, _architecture(model)
+        self.weights = None if self.architecture is None else [
+            [tf.convert_to_tensor(v) for v in variables]
+            for variables in (model.trainable_variables, model.non_trainable_variables)]
+
+
 class Runner:
     """Compiles each attack once (eps and seed are tensors, so the sweep does not retrace; Keras models of
     one architecture share the traces, see `_architecture`), runs it in batches (one per replica of
-    `strategy` at a time), re-checks every result independently of the attack's own bookkeeping."""
+    `strategy` at a time), re-checks every result independently of the attack's own bookkeeping.
 
-    def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None):
+    With a `search_model` (the same classifier computing in bfloat16), the attacks search with it and
+    every verdict is float32: an example the search broke that the float32 model does not read as clearly
+    misclassified (`attacks.CLEAR_MARGIN`) is attacked again with the float32 model, so a break found in
+    bfloat16 never counts unconfirmed and one bfloat16 rounding hid is not lost."""
+
+    def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None, search_model=None):
         self.model, self.batch_size, self.seed = model, batch_size, seed
         self.shards = Shards(strategy)
         self.progress = progress and self.shards.chief
         self._x_spec = tf.TensorSpec([None, *image_shape], tf.float32)
-        self._architecture = _architecture(model)
-        # The weights every shared trace is called with, read once: evaluation never changes them.
-        self._weights = None if self._architecture is None else [
-            [tf.convert_to_tensor(v) for v in variables]
-            for variables in (model.trainable_variables, model.non_trainable_variables)]
+        self._verdict = _Bound(model)
+        self._search = None if search_model is None or search_model is model else _Bound(search_model)
         self.predict = self._compile(
             "predict", lambda model, x: tf.argmax(attacks_lib.model_logits(model, x), -1), [self._x_spec])
+        if self._search is not None:
+            self._clear = self._compile("clear", _clearly_wrong, [self._x_spec, tf.TensorSpec([None], tf.int64)])
+            self._search_wrong = self._compile(
+                "wrong", lambda model, x, y: tf.not_equal(tf.argmax(attacks_lib.model_logits(model, x), -1), y),
+                [self._x_spec, tf.TensorSpec([None], tf.int64)], self._search)
         self._compiled = {}
+        self.rechecked = {}  # attack name -> examples the search broke that float32 re-attacked
 
-    def _compile(self, what, body, signature):
+    def _compile(self, what, body, signature, bound=None):
         """`body(model, *args)` as a function of `args` (shapes in `signature`), traced once: per
         architecture for the Keras models `_architecture` accepts (the weights go in as arguments, so
-        evaluating several models of one architecture in one process never retraces), else per model."""
-        if self._architecture is None:
-            model = self.model
+        evaluating several models of one architecture in one process never retraces), else per model.
+        `bound`: the model to use (default: the float32 model of the verdicts)."""
+        bound = bound or self._verdict
+        if bound.architecture is None:
+            model = bound.model
             return tf.function(lambda *args: body(model, *args), input_signature=signature)
-        shared = _shared_trace((self._architecture, what, tuple(signature)), self.model, body, signature)
-        weights = self._weights
+        shared = _shared_trace((bound.architecture, what, tuple(signature)), bound.model, body, signature)
+        weights = bound.weights
         return lambda *args: shared(weights, *args)
 
     def num_classes(self, x):
@@ -153,12 +180,27 @@ class Runner:
     def logits(self, x):
         return attacks_lib.model_logits(self.model, tf.constant(x)).numpy()
 
-    def _attack_fn(self, spec):
-        if spec not in self._compiled:
-            self._compiled[spec] = self._compile(spec, spec.run, [
+    def _attack_fn(self, spec, search=True):
+        """The compiled attack: with the search model when there is one and `search`, else float32."""
+        bound = self._search if search and self._search is not None else self._verdict
+        key = (spec, bound is self._verdict)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(spec, spec.run, [
                 self._x_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32),
-                tf.TensorSpec([2], tf.int64)])
-        return self._compiled[spec]
+                tf.TensorSpec([2], tf.int64)], bound)
+        return self._compiled[key]
+
+    def _confirmed(self, spec, x, y, x_adv, eps_t, seed):
+        """`x_adv` with every example the search broke but float32 does not clearly confirm attacked again
+        in float32 (same seed): the float32 attack's result replaces the search's for those."""
+        if self._search is None or not len(y):
+            return x_adv
+        redo = np.flatnonzero(self._search_wrong(x_adv, y).numpy() & ~self._clear(x_adv, y).numpy())
+        self.rechecked[spec.name] = self.rechecked.get(spec.name, 0) + len(redo)
+        if len(redo):
+            x_adv = np.array(x_adv)
+            x_adv[redo] = self._attack_fn(spec, search=False)(x[redo], y[redo], eps_t, seed).numpy()
+        return x_adv
 
     def labels(self, x):
         if not len(x):
@@ -183,9 +225,10 @@ class Runner:
         eps_t = tf.constant(eps, tf.float32)
         for first in range(done, len(starts), replicas):
             group = list(enumerate(starts[first:first + replicas], first))
-            outs = self.shards.run(run, [(x[i:i + size], y[i:i + size],
-                                          tf.constant([self.seed, key * 1_000_000 + b], tf.int64))
-                                         for b, i in group], eps_t)
+            seeds = {b: tf.constant([self.seed, key * 1_000_000 + b], tf.int64) for b, _ in group}
+            outs = self.shards.run(run, [(x[i:i + size], y[i:i + size], seeds[b]) for b, i in group], eps_t)
+            outs = [self._confirmed(spec, x[i:i + size], y[i:i + size], out, eps_t, seeds[b])
+                    for (b, i), out in zip(group, outs)]
             for (b, i), out in zip(group, outs):
                 x_adv[i:i + size] = out
             if state is not None:

@@ -31,7 +31,8 @@ LOGITS_EXAMPLES = 4
 INDEX = "evaluation.json"
 
 
-def fingerprint(model_name, first_logits, x, y, *, eps, specs, seed, cascade, batch_size):
+def fingerprint(model_name, first_logits, x, y, *, eps, specs, seed, cascade, batch_size,
+                search_precision="float32"):
     """What an evaluation's state belongs to; a state is resumed only by an evaluation with the same one.
     The model is named by its description and its logits on the first examples (weights moved under the
     same path change them; they are compared with LOGITS_TOLERANCE), the data by a digest of the images
@@ -41,7 +42,8 @@ def fingerprint(model_name, first_logits, x, y, *, eps, specs, seed, cascade, ba
             "data": _digest(np.ascontiguousarray(x), np.ascontiguousarray(y)), "num_examples": int(len(y)),
             "eps": float(eps), "attacks": [f"{s.name}: {s.fn} {dict(s.params)} white_box={s.white_box}"
                                            for s in specs],
-            "seed": int(seed), "cascade": bool(cascade), "batch_size": int(batch_size)}
+            "seed": int(seed), "cascade": bool(cascade), "batch_size": int(batch_size),
+            "search_precision": search_precision}
 
 
 def _digest(*arrays):

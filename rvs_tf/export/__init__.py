@@ -19,7 +19,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from rvs_tf import guards
+from rvs_tf import guards, precision
 from rvs_tf.checkpoints import write_error
 
 # The serving contract: what an exported version offers and what evaluation, serving and tests read.
@@ -28,6 +28,9 @@ BYTES_SIGNATURE = "serving_bytes"
 IMAGES_INPUT = "images"
 BYTES_INPUT = "image_bytes"
 LOGITS_OUTPUT = "logits"
+# The classifier's float32 logits computed in bfloat16, sharing the served weights: what rvs-evaluate's
+# attacks search with on hardware that runs bfloat16 fast (their verdicts are float32, from serving_default).
+SEARCH_SIGNATURE = "search_bfloat16"
 OUTPUTS = (LOGITS_OUTPUT, "probabilities", "classes")  # of both signatures (see serving_function)
 # Run metadata inside a version folder (not the training workdir's metadata, see rvs_tf.checkpoints).
 VERSION_METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
@@ -70,6 +73,23 @@ def serving_function(classifier, check_range=False):
     return serve
 
 
+def search_function(classifier):
+    """{"logits": float32 logits} of `classifier` computed in bfloat16 with the classifier's own
+    variables (nothing is duplicated in the SavedModel), or None for a model Keras cannot clone."""
+    try:
+        fast = precision.cast_copy(classifier, "mixed_bfloat16")
+    except ValueError:
+        return None
+
+    def search(images):
+        logits, _ = fast.stateless_call([tf.convert_to_tensor(v) for v in classifier.trainable_variables],
+                                        [tf.convert_to_tensor(v) for v in classifier.non_trainable_variables],
+                                        images, training=False)
+        return {LOGITS_OUTPUT: tf.cast(logits, tf.float32)}
+
+    return search
+
+
 def decode_images(image_bytes, image_shape):
     """Encoded images [batch] (string) -> float32 [batch, H, W, C] in [0, 1]: decoded with C channels
     (PNG/JPEG/GIF/BMP; colour converted as the decoders do) and resized to H x W when they differ."""
@@ -99,11 +119,24 @@ def bytes_serving_function(classifier):
     return serve_bytes
 
 
-def export_classifier(classifier, export_dir, name, *, version=None, metadata=None):
+SERVING_PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+def export_classifier(classifier, export_dir, name, *, version=None, metadata=None,
+                      serving_precision="float32"):
     """Write `classifier` as `<export_dir>/<name>/<version>/` and return that path.
 
-    `version` None takes the next free integer. An existing version is never overwritten.
+    Args:
+        version: None takes the next free integer. An existing version is never overwritten.
+        metadata: JSON-ready run metadata for `assets.extra/rvs_metadata.json`.
+        serving_precision: what the exported graph computes in. "float32" (the default, whatever the
+            classifier trained in: clients and evaluations see float32 logits), or "mixed_bfloat16"
+            (faster on CPUs with AMX and recent GPUs; logits still float32). Signatures are float32
+            either way, and the metadata records it.
     """
+    if serving_precision not in SERVING_PRECISIONS:
+        raise ValueError(f"serving_precision: expected one of {', '.join(SERVING_PRECISIONS)}, "
+                         f"got {serving_precision!r}")
     if not isinstance(classifier, keras.Model):
         raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
     if not NAME_PATTERN.match(name or ""):
@@ -122,6 +155,10 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
     if os.path.exists(final):
         raise FileExistsError(f"version: {final!r} exists already; exports are never overwritten")
 
+    computed = precision.mixed_policies(classifier) or ["float32"]
+    if computed != [serving_precision]:
+        classifier = precision.cast_copy(classifier, serving_precision)
+    metadata = {**(metadata or {}), "serving_precision": serving_precision}
     image_shape = tuple(classifier.input_shape[1:])
     staging = tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=model_dir)
     try:
@@ -133,10 +170,14 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         archive.add_endpoint(
             BYTES_SIGNATURE, bytes_serving_function(classifier),
             input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
+        search = search_function(classifier)
+        if search is not None:
+            archive.add_endpoint(SEARCH_SIGNATURE, search, input_signature=[
+                tf.TensorSpec([None, *image_shape], tf.float32, name=IMAGES_INPUT)])
         archive.write_out(staging, verbose=False)
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
         with open(os.path.join(staging, VERSION_METADATA_FILE), "w", encoding="utf-8") as handle:
-            json.dump(metadata or {}, handle, indent=2, sort_keys=True, default=str)
+            json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
         os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
     except (OSError, tf.errors.OpError) as error:  # a full disk, a read-only folder
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,6 +12,8 @@ import math
 import keras
 
 FEATURES_LAYER = "features"
+# Layers that compute in float32 under a mixed policy (the solver and the attacks need float32).
+FLOAT32_LAYERS = ("standardize", FEATURES_LAYER, "logits")
 ARCHITECTURES = ("small_cnn", "preact_resnet18", "wide_resnet")
 NORMALIZATIONS = ("per_image", "none")
 

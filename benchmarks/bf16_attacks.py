@@ -1,0 +1,79 @@
+"""Equal strength of the bfloat16 attack search: the same ensemble on the same images of each model,
+searched in float32 and in bfloat16 (verdicts always float32), in one process; per-example agreement.
+
+  .venv/bin/python benchmarks/bf16_attacks.py --rows=pgd,nfgsm,rvs        # exports of compare_methods rows
+  .venv/bin/python benchmarks/bf16_attacks.py --models=saved_models/fashion_mnist_rvs/1
+
+Appends one JSON line per model to benchmarks/results/bf16_attacks.jsonl (kept in git) and prints a
+Markdown row: worst case in each precision, the difference (goal: within 0.5 points), examples robust in
+one search only, and the time of each.
+"""
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from rvs_tf import evaluate  # noqa: E402
+from rvs_tf.data import make_eval_dataset  # noqa: E402
+from rvs_tf.evaluate import ensemble, specs  # noqa: E402
+from rvs_tf.evaluate.models import search_model  # noqa: E402
+from rvs_tf.evaluate.runner import Runner, materialise  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(path, attacks, num_examples, batch_size, seed):
+    logits_fn, metadata, _ = evaluate.load_model(path)
+    ds, _ = make_eval_dataset(metadata["dataset"], split="test", batch_size=batch_size,
+                              num_examples=num_examples, validation_size=0)
+    x, y = materialise(ds, num_examples)
+    eps, attack_specs = float(metadata["eps"]), specs.resolve_attacks(attacks)
+    out = {"model": path, "eps": eps, "attacks": attacks, "examples": int(len(y))}
+    robust = {}
+    for policy in ("float32", "mixed_bfloat16"):
+        search, note = search_model(logits_fn, policy)
+        if note:
+            raise SystemExit(f"{path}: {note}")
+        runner = Runner(logits_fn, x.shape[1:], batch_size, seed, False, search_model=search)
+        start = time.perf_counter()
+        found = ensemble.run_ensemble(runner, attack_specs, x, y, eps, cascade=True)
+        out[policy] = {"seconds": time.perf_counter() - start, "worst_case": float(found.robust.mean()),
+                       "per_attack": {r["name"]: r["accuracy"] for r in found.rows},
+                       "rechecked_in_float32": dict(runner.rechecked)}
+        robust[policy] = found.robust
+    out["difference_points"] = 100 * (out["mixed_bfloat16"]["worst_case"] - out["float32"]["worst_case"])
+    out["robust_in_float32_only"] = int(np.sum(robust["float32"] & ~robust["mixed_bfloat16"]))
+    out["robust_in_bfloat16_only"] = int(np.sum(robust["mixed_bfloat16"] & ~robust["float32"]))
+    out["speedup"] = out["float32"]["seconds"] / out["mixed_bfloat16"]["seconds"]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="", help="rows of compare_methods.py (their exports in benchmarks/runs)")
+    parser.add_argument("--models", default="", help="comma-separated export paths")
+    parser.add_argument("--attacks", default="standard")
+    parser.add_argument("--num_examples", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    paths = [os.path.join(HERE, "runs", row, "export", row) for row in filter(None, args.rows.split(","))]
+    paths += list(filter(None, args.models.split(",")))
+    print("| model | float32 search | bfloat16 search | difference | robust in one only (f32 / bf16) | "
+          "time f32 / bf16 |\n|---|---|---|---|---|---|", flush=True)
+    for path in paths:
+        out = measure(path, args.attacks, args.num_examples, args.batch_size, args.seed)
+        with open(os.path.join(HERE, "results", "bf16_attacks.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(out, sort_keys=True) + "\n")
+        print(f"| {path} | {100 * out['float32']['worst_case']:.1f} | {100 * out['mixed_bfloat16']['worst_case']:.1f} "
+              f"| {out['difference_points']:+.1f} | {out['robust_in_float32_only']} / "
+              f"{out['robust_in_bfloat16_only']} | {out['float32']['seconds']:.0f} / "
+              f"{out['mixed_bfloat16']['seconds']:.0f} s ({out['speedup']:.2f}x) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
