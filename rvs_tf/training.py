@@ -5,6 +5,8 @@ Every method is a `keras.Model` that wraps a user's classifier (images in [0, 1]
 classifier's logits, and the datasets are plain `(images, labels)` pairs with integer labels. The methods:
 `rvs_tf.rvs.RVSModel` (re-exported here), `rvs_tf.baselines`, `rvs_tf.learned_init.RVSInitModel`.
 """
+import os
+
 import keras
 import tensorflow as tf
 
@@ -94,6 +96,24 @@ class RobustModel(keras.Model):
         images outside [0, 1] refused (guards.checked_data)."""
         return super().fit(guards.checked_data(x), *args, callbacks=guards.with_guard(callbacks),
                            validation_data=guards.checked_data(validation_data), **kwargs)
+
+    def export(self, filepath, format="tf_saved_model", verbose=True, input_signature=None, **kwargs):
+        """Keras 3's way to write a SavedModel for TF Serving: here the classifier alone, with the
+        signatures of `rvs-export` (`rvs_tf.export`; no generator, no optimizer state). `filepath` must
+        not exist. Keyword `metadata` and `serving_precision` go to `rvs_tf.export.write_savedmodel`."""
+        from rvs_tf import export as export_lib
+
+        if format != "tf_saved_model":
+            raise ValueError(f"format: rvs_tf models export the classifier as 'tf_saved_model' (what TF Serving "
+                             f"loads), got {format!r}; for other formats export `model.classifier` with Keras")
+        if input_signature is not None:
+            raise ValueError("input_signature: the serving signature is fixed (float32 images [batch, H, W, C] "
+                             "in [0, 1]); got one")
+        path = export_lib.write_savedmodel(self.classifier, os.fspath(filepath), **kwargs)
+        if verbose:
+            print(f"Saved the classifier's serving SavedModel at {path} (signatures "
+                  f"{export_lib.SERVING_SIGNATURE}, {export_lib.BYTES_SIGNATURE})")
+        return path
 
     def evaluate(self, x=None, *args, **kwargs):
         """Keras evaluate, with images outside [0, 1] refused (its PGD accuracy reads eps on that scale)."""

@@ -108,3 +108,28 @@ def test_version_readers_name_what_they_expected(tmp_path):
         export.resolve_model_path(tmp_path / "missing.keras")
     with pytest.raises(ValueError, match="model: expected a SavedModel directory"):
         export.resolve_model_path(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["rvs", "natural", "fgsm_rs", "pgd", "trades", "nfgsm", "fgsm_pgi",
+                                    "rvs_init"])
+def test_keras_model_export_writes_the_classifiers_serving_savedmodel(tmp_path, method):
+    """`model.export(path)`, Keras 3's way to write a SavedModel for TF Serving, on every rvs_tf model:
+    the classifier alone with rvs-export's signatures."""
+    from rvs_tf.builder import build_model
+    from rvs_tf.run_config import RunConfig
+
+    keras.utils.set_random_seed(0)
+    model = build_model(RunConfig(method=method, eps=0.1), (28, 28, 1), 10, steps_per_epoch=10)
+    x = np.random.default_rng(1).uniform(size=(4, 28, 28, 1)).astype("float32")
+    model.predict(x, verbose=0)
+    path = model.export(str(tmp_path / "served"), verbose=False)
+    loaded = tf.saved_model.load(path)
+    assert {export.SERVING_SIGNATURE, export.BYTES_SIGNATURE} <= set(loaded.signatures)
+    out = loaded.signatures[export.SERVING_SIGNATURE](images=tf.constant(x))
+    np.testing.assert_allclose(out["logits"], model.classifier(x), atol=1e-5)
+    names = [v.name for v in loaded.variables]
+    assert len(names) == len(model.classifier.weights) and not any("optimizer" in n for n in names)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        model.export(path, verbose=False)
+    with pytest.raises(ValueError, match="format"):
+        model.export(str(tmp_path / "other"), format="onnx")

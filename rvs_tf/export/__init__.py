@@ -36,6 +36,7 @@ OUTPUTS = (LOGITS_OUTPUT, "probabilities", "classes")  # of both signatures (see
 VERSION_METADATA_FILE = os.path.join("assets.extra", "rvs_metadata.json")
 DEFAULT_EXPORT_DIR = "saved_models"  # the export root the command lines default to
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a model name: it names a folder
+SERVING_PRECISIONS = ("float32", "mixed_bfloat16")  # what an export may compute in
 
 
 def versions(model_dir):
@@ -119,9 +120,6 @@ def bytes_serving_function(classifier):
     return serve_bytes
 
 
-SERVING_PRECISIONS = ("float32", "mixed_bfloat16")
-
-
 def export_classifier(classifier, export_dir, name, *, version=None, metadata=None,
                       serving_precision="float32"):
     """Write `classifier` as `<export_dir>/<name>/<version>/` and return that path.
@@ -129,38 +127,53 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
     Args:
         version: None takes the next free integer. An existing version is never overwritten.
         metadata: JSON-ready run metadata for `assets.extra/rvs_metadata.json`.
-        serving_precision: what the exported graph computes in. "float32" (the default, whatever the
-            classifier trained in: clients and evaluations see float32 logits), or "mixed_bfloat16"
-            (faster on CPUs with AMX and recent GPUs; logits still float32). Signatures are float32
-            either way, and the metadata records it.
+        serving_precision: see `write_savedmodel`.
     """
-    if serving_precision not in SERVING_PRECISIONS:
-        raise ValueError(f"serving_precision: expected one of {', '.join(SERVING_PRECISIONS)}, "
-                         f"got {serving_precision!r}")
-    if not isinstance(classifier, keras.Model):
-        raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
     if not NAME_PATTERN.match(name or ""):
         raise ValueError(f"name: expected letters, digits, '_', '-' or '.', got {name!r}")
-    bad = guards.non_finite_variables(classifier.weights)
-    if bad:
-        raise ValueError(f"classifier: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}; refusing to "
-                         "export a diverged model (retrain it, or export an earlier checkpoint)")
     model_dir = os.path.join(export_dir, name)
     check_writable(model_dir)
     if version is None:
         version = (versions(model_dir) or [0])[-1] + 1
     if int(version) < 1:
         raise ValueError(f"version: expected a positive integer, got {version}")
-    final = os.path.join(model_dir, str(int(version)))
-    if os.path.exists(final):
-        raise FileExistsError(f"version: {final!r} exists already; exports are never overwritten")
+    return write_savedmodel(classifier, os.path.join(model_dir, str(int(version))), metadata=metadata,
+                            serving_precision=serving_precision,
+                            kept=f"the earlier versions under {model_dir} are untouched")
 
+
+def write_savedmodel(classifier, path, *, metadata=None, serving_precision="float32", kept=None):
+    """Write `classifier`'s serving SavedModel (the signatures of the module docstring) at `path`, which
+    must not exist: written to a hidden folder beside it and renamed into place, so it appears whole or
+    not at all. Returns `path`.
+
+    Args:
+        metadata: JSON-ready run metadata for `assets.extra/rvs_metadata.json`.
+        serving_precision: what the exported graph computes in. "float32" (the default, whatever the
+            classifier trained in: clients and evaluations see float32 logits), or "mixed_bfloat16"
+            (faster on CPUs with AMX and recent GPUs; logits still float32). Signatures are float32
+            either way, and the metadata records it.
+        kept: what a failed write leaves untouched, for its error message.
+    """
+    if not isinstance(classifier, keras.Model):
+        raise ValueError(f"classifier: expected a keras.Model, got {type(classifier).__name__}")
+    if serving_precision not in SERVING_PRECISIONS:
+        raise ValueError(f"serving_precision: expected one of {', '.join(SERVING_PRECISIONS)}, "
+                         f"got {serving_precision!r}")
+    bad = guards.non_finite_variables(classifier.weights)
+    if bad:
+        raise ValueError(f"classifier: non-finite weights (NaN or Inf) in {', '.join(bad[:3])}; refusing to "
+                         "export a diverged model (retrain it, or export an earlier checkpoint)")
+    if os.path.exists(path):
+        raise FileExistsError(f"version: {path!r} exists already; exports are never overwritten")
     computed = precision.mixed_policies(classifier) or ["float32"]
     if computed != [serving_precision]:
         classifier = precision.cast_copy(classifier, serving_precision)
     metadata = {**(metadata or {}), "serving_precision": serving_precision}
     image_shape = tuple(classifier.input_shape[1:])
-    staging = tempfile.mkdtemp(prefix=f".tmp-{int(version)}-", dir=model_dir)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(path)}-", dir=parent)
     try:
         archive = keras.export.ExportArchive()
         archive.track(classifier)
@@ -178,14 +191,14 @@ def export_classifier(classifier, export_dir, name, *, version=None, metadata=No
         os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
         with open(os.path.join(staging, VERSION_METADATA_FILE), "w", encoding="utf-8") as handle:
             json.dump(metadata, handle, indent=2, sort_keys=True, default=str)
-        os.rename(staging, final)  # atomic on one filesystem: the version appears whole or not at all
+        os.rename(staging, path)  # atomic on one filesystem: the version appears whole or not at all
     except (OSError, tf.errors.OpError) as error:  # a full disk, a read-only folder
         shutil.rmtree(staging, ignore_errors=True)
-        raise write_error(final, error, kept=f"the earlier versions under {model_dir} are untouched") from error
+        raise write_error(path, error, kept=kept or "nothing was written") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
+    return path
 
 
 def read_metadata(version_dir):
