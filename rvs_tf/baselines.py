@@ -61,12 +61,12 @@ class NaturalModel(RobustModel):
         return self.logits(images, training=False)
 
     def train_step(self, data):
-        x, y = self.unpack(data)
+        x, y, weights = self.unpack(data)
         x_train = self.adversarial_examples(x, y, self.current_eps())
         accuracy = self.accuracy_tracker if x_train is x else self.adv_accuracy_tracker
         with tf.GradientTape() as tape:
             logits = self.logits(tf.stop_gradient(x_train), training=True)
-            loss = self.regularised(self.cross_entropy(self.targets(y), logits))
+            loss = self.regularised(self.cross_entropy(self.targets(y), logits, weights))
             gradient_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(tape, gradient_loss, self.optimizer, self.classifier.trainable_variables)
         self.loss_tracker.update_state(loss)
@@ -134,13 +134,13 @@ class TRADESModel(PGDATModel):
                              self.steps, step_size)
 
     def train_step(self, data):
-        x, y = self.unpack(data)
+        x, y, weights = self.unpack(data)
         x_adv = tf.stop_gradient(self.adversarial_examples(x, y, self.current_eps()))
         with tf.GradientTape() as tape:
             clean_logits = self.logits(x, training=True)
             adv_logits = self.logits(x_adv, training=True)
-            loss = self.cross_entropy(self.targets(y), clean_logits)
-            loss += self.beta * tf.reduce_mean(_kl(tf.nn.softmax(clean_logits), adv_logits))
+            loss = self.cross_entropy(self.targets(y), clean_logits, weights)
+            loss += self.beta * self.weighted_mean(_kl(tf.nn.softmax(clean_logits), adv_logits), weights)
             loss = self.regularised(loss)
             gradient_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(tape, gradient_loss, self.optimizer, self.classifier.trainable_variables)
@@ -255,7 +255,7 @@ class FGSMPGIModel(FGSMRSModel):
     def train_step(self, data):
         """Two forward and two backward passes, as the authors: the training-mode pass at the start gives
         both the input gradient and the pairing term's logits."""
-        x, y = self.unpack(data)
+        x, y, weights = self.unpack(data)
         eps = self.current_eps()
         start, bounds = self.prior_start(x, eps)
         targets = self.targets(y)
@@ -267,8 +267,8 @@ class FGSMPGIModel(FGSMRSModel):
             gradient = tf.stop_gradient(input_tape.gradient(start_loss, start))
             x_adv = tf.stop_gradient(tf.clip_by_value(start + self.step_ratio * eps * tf.sign(gradient), *bounds))
             logits = self.logits(x_adv, training=True)
-            pairing = tf.reduce_mean(tf.square(logits - start_logits))
-            loss = self.regularised(self.cross_entropy(targets, logits) + self.pairing_weight * pairing)
+            pairing = self.weighted_mean(tf.reduce_mean(tf.square(logits - start_logits), -1), weights)
+            loss = self.regularised(self.cross_entropy(targets, logits, weights) + self.pairing_weight * pairing)
             gradient_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(tape, gradient_loss, self.optimizer, self.classifier.trainable_variables)
         self.update_prior(x, start, gradient, eps, bounds)

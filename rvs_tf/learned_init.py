@@ -152,7 +152,7 @@ class RVSInitModel(GeneratorGame):
         tf.cond(due, apply, lambda: None)
 
     def train_step(self, data):
-        x, y = self.unpack(data)
+        x, y, weights = self.unpack(data)
         eps = self.current_eps()
         gradient_sign = self.gradient_sign(x, y)
         variables = self.generator.trainable_variables
@@ -171,10 +171,11 @@ class RVSInitModel(GeneratorGame):
                 loss = self.ot_weight * self.transport_cost(self.heads(x)[1], adversarial)
             else:
                 logits, loss = self.logits(x_adv, training=True), 0.0
-            loss += self.cross_entropy(self.targets(y), logits)
+            loss += self.cross_entropy(self.targets(y), logits, weights)
             if self.pairing_weight:
                 start_logits = self.logits(start, training=True)
-                loss += self.pairing_weight * tf.reduce_mean(tf.square(logits - start_logits))
+                loss += self.pairing_weight * self.weighted_mean(
+                    tf.reduce_mean(tf.square(logits - start_logits), -1), weights)
             loss = self.regularised(loss)
             gradient_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(tape, gradient_loss, self.optimizer, self.classifier.trainable_variables)

@@ -234,19 +234,19 @@ class RVSModel(GeneratorGame):
         del y  # the generator never sees the labels (nor the images)
         return self.synthesize(tf.cast(x, tf.float32), eps, stream=0)
 
-    def classifier_objective(self, targets, clean_logits, clean, logits, adversarial):
+    def classifier_objective(self, targets, clean_logits, clean, logits, adversarial, weights=None):
         """(total, CE, OT) of the classifier: CE on the synthesised batch + lambda * OT (+ clean CE, wd)."""
-        ce = self.cross_entropy(targets, logits)
+        ce = self.cross_entropy(targets, logits, weights)
         ot = self.transport_cost(clean, adversarial)
         loss = ce + self.ot_weight * ot
         if self.clean_ce_weight:
-            loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits)
+            loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits, weights)
         return self.regularised(loss), ce, ot
 
     def train_step(self, data):
-        x, y = self.unpack(data)
+        x, y, weights = self.unpack(data)
         step = self.simultaneous_step if self.rvs_update == "simultaneous" else self.alternating_step
-        result = step(x, y, self.current_eps())
+        result = step(x, y, self.current_eps(), weights)
         self.loss_tracker.update_state(result.loss)
         self.ce_tracker.update_state(result.ce)
         self.ot_tracker.update_state(result.ot)
@@ -256,7 +256,7 @@ class RVSModel(GeneratorGame):
         validation_only = (self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker)
         return {m.name: m.result() for m in self.metrics if all(m is not v for v in validation_only)}
 
-    def alternating_step(self, x, y, eps):
+    def alternating_step(self, x, y, eps, weights=None):
         """The authors' update: a generator step, then a classifier step on a fresh z; an `RVSStep`.
 
         The generator step leaves the classifier's weights unchanged, so the clean forward pass is run
@@ -275,18 +275,19 @@ class RVSModel(GeneratorGame):
                 self.descend(tape, generator_loss, self.generator_optimizer, generator_variables)
             x_adv = tf.stop_gradient(self.synthesize(x, eps, stream=2))  # fresh z, the updated generator
             logits, adversarial = self.heads(x_adv)  # classifier: fit it, pull the features together
-            loss, ce, ot = self.classifier_objective(targets, clean_logits, clean, logits, adversarial)
+            loss, ce, ot = self.classifier_objective(targets, clean_logits, clean, logits, adversarial, weights)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
         self.descend(classifier_tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
         return RVSStep(loss, ce, ot, generator_ot if generator_variables else ot, clean_logits, logits)
 
-    def simultaneous_step(self, x, y, eps):
+    def simultaneous_step(self, x, y, eps, weights=None):
         """Both players' gradients at the same point, from one forward pass, applied together; an
         `RVSStep`."""
         with tf.GradientTape(persistent=True) as tape:
             clean_logits, clean = self.heads(x)
             logits, adversarial = self.heads(self.synthesize(x, eps, stream=0))
-            loss, ce, ot = self.classifier_objective(self.targets(y), clean_logits, clean, logits, adversarial)
+            loss, ce, ot = self.classifier_objective(self.targets(y), clean_logits, clean, logits,
+                                                     adversarial, weights)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
             generator_loss = self.gradient_loss(-ot, self.generator_optimizer)
         classifier_variables = self.classifier.trainable_variables

@@ -221,8 +221,18 @@ class RobustModel(keras.Model):
     def targets(self, y):
         return smooth_labels(y, self.num_classes, self.label_smoothing)
 
-    def cross_entropy(self, targets, logits):
-        return tf.reduce_mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
+    @staticmethod
+    def cross_entropy(targets, logits, weights=None):
+        """Mean over the batch of each example's CE, times its weight (fit's sample_weight or class_weight)
+        when given: Keras's sum_over_batch_size convention. (Scaling the targets instead would be wrong:
+        TF's fused CE gradient assumes targets that sum to 1.)"""
+        return RobustModel.weighted_mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True),
+                                         weights)
+
+    @staticmethod
+    def weighted_mean(per_example, weights=None):
+        """Mean over the batch of a per-example term [B], each times its weight when `weights` is given."""
+        return tf.reduce_mean(per_example if weights is None else per_example * weights)
 
     def regularised(self, loss):
         """Adds the kernel weight decay and any regularisation losses of the classifier's own layers."""
@@ -245,29 +255,31 @@ class RobustModel(keras.Model):
 
     @staticmethod
     def unpack(data):
+        """(images, integer labels [B], per-example weights [B] float32 or None) of a batch."""
         if not isinstance(data, (tuple, list)) or len(data) < 2:
             raise ValueError("Expected batches of (images, labels) with integer labels; "
                              f"got {type(data).__name__}")
-        if len(data) > 2 and data[2] is not None:  # Keras passes (x, y, None) without weights
-            raise ValueError("sample weights are not supported: expected batches of (images, labels)")
+        weights = data[2] if len(data) > 2 else None  # Keras passes (x, y, None) without weights
+        if weights is not None:
+            weights = tf.reshape(tf.cast(weights, tf.float32), [-1])
         x, y = data[0], data[1]
         if y.shape.rank is not None and y.shape.rank > 1 and y.shape[-1] not in (1, None):
             raise ValueError(f"labels: expected integer class indices of shape [batch], got shape {y.shape} "
                              "(one-hot labels? pass tf.argmax(labels, -1))")
-        return guards.checked_images(x), tf.reshape(tf.cast(y, tf.int64), [-1])
+        return guards.checked_images(x), tf.reshape(tf.cast(y, tf.int64), [-1]), weights
 
     def test_step(self, data):
         """Clean accuracy, and accuracy under FGSM and PGD (`eval_pgd_steps`, CE, random start) at eps.
         A large FGSM-PGD gap is the signature of catastrophic overfitting (`rvs_tf.monitors`)."""
-        x, y = self.unpack(data)
+        x, y, weights = self.unpack(data)
         clean_logits = self.logits(x, training=False)
         inference = lambda images: self.logits(images, training=False)  # noqa: E731
         x_pgd = attacks.pgd(inference, x, y, eps=self.eps, steps=self.eval_pgd_steps)
         x_fgsm = attacks.fgsm(inference, x, y, eps=self.eps)
-        self.loss_tracker.update_state(self.cross_entropy(self.targets(y), clean_logits))
-        self.accuracy_tracker.update_state(y, clean_logits)
-        self.pgd_accuracy_tracker.update_state(y, self.logits(x_pgd, training=False))
-        self.fgsm_accuracy_tracker.update_state(y, self.logits(x_fgsm, training=False))
+        self.loss_tracker.update_state(self.cross_entropy(self.targets(y), clean_logits, weights))
+        self.accuracy_tracker.update_state(y, clean_logits, sample_weight=weights)
+        self.pgd_accuracy_tracker.update_state(y, self.logits(x_pgd, training=False), sample_weight=weights)
+        self.fgsm_accuracy_tracker.update_state(y, self.logits(x_fgsm, training=False), sample_weight=weights)
         return {m.name: m.result() for m in (self.loss_tracker, self.accuracy_tracker,
                                               self.pgd_accuracy_tracker, self.fgsm_accuracy_tracker)}
 

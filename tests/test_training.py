@@ -232,3 +232,48 @@ def test_classifier_layer_regularisers_reach_the_loss():
     model = RVSModel(keras.Model(inputs, outputs), models.make_generator(8, SHAPE), eps=0.1)
     extra = float(tf.add_n(model.classifier.losses))
     assert extra > 0 and float(model.regularised(tf.constant(0.0))) == pytest.approx(extra, rel=1e-5)
+
+
+def test_class_weight_trains_natural_models_as_keras_does():
+    """fit(class_weight=...) on NaturalModel takes exactly the steps a plain Keras model compiled with
+    sparse cross-entropy takes from the same weights on the same batches."""
+    from rvs_tf.baselines import NaturalModel
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=64)
+    class_weight = {c: (5.0 if c < 3 else 0.5) for c in range(10)}
+
+    def classifier():
+        keras.utils.set_random_seed(3)
+        return models.small_cnn((28, 28, 1), 10, widths=(4,), feature_dim=8)
+
+    plain = classifier()
+    plain.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain.fit(x, y, batch_size=16, epochs=1, shuffle=False, class_weight=class_weight, verbose=0)
+    ours = NaturalModel(classifier(), eps=0.1)
+    ours.compile(optimizer=keras.optimizers.SGD(0.1))
+    ours.fit(x, y, batch_size=16, epochs=1, shuffle=False, class_weight=class_weight, verbose=0)
+    unweighted = NaturalModel(classifier(), eps=0.1)
+    unweighted.compile(optimizer=keras.optimizers.SGD(0.1))
+    unweighted.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b, c in zip(plain.get_weights(), ours.classifier.get_weights(), unweighted.classifier.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert any(not np.allclose(a, c, atol=1e-4) for a, c in zip(plain.get_weights(), unweighted.classifier.get_weights()))
+
+
+@pytest.mark.parametrize("method", ["pgd", "trades", "fgsm_pgi", "rvs_init"])
+def test_zero_sample_weights_leave_every_cross_entropy_method_unmoved(method):
+    from rvs_tf.builder import build_model
+    from rvs_tf.run_config import RunConfig
+
+    keras.utils.set_random_seed(0)
+    model = build_model(RunConfig(method=method, eps=0.1, weight_decay=0, lr=0.1, pgd_steps=2),
+                        (28, 28, 1), 10, steps_per_epoch=4)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(32, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=32)
+    before = [w.copy() for w in model.classifier.get_weights()]
+    model.fit(x, y, sample_weight=np.zeros(32, "float32"), batch_size=16, epochs=1, verbose=0)
+    for a, b in zip(before, model.classifier.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-7)
