@@ -30,7 +30,10 @@ def export(options):
     import rvs_tf.models  # noqa: F401  (registers rvs_tf's layers with Keras)
     from rvs_tf import data
 
-    model = keras.saving.load_model(options.model_file, compile=False)
+    from rvs_tf.precision import float32_copy
+
+    # A model trained in bfloat16 is checked as rvs-evaluate and the exports compute it: in float32.
+    model, _ = float32_copy(keras.saving.load_model(options.model_file, compile=False))
     x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "test")
     x, y = x[:options.num_examples], y[:options.num_examples]
     images = np.round(x * 255).astype(np.uint8)
