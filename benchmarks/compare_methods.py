@@ -165,7 +165,7 @@ def save_summary(name, folder, options):
     history = state["history"]
     seconds = [epoch["train_seconds"] for epoch in history.values() if "train_seconds" in epoch]
     summary = {
-        "row": name, "flags": row_flags(name, options.budget), "best_epoch": state.get("best", {}).get("epoch"),
+        "row": name, "flags": row_flags(name, options.budget), "best_epoch": (state.get("best") or {}).get("epoch"),
         "train_seconds": [history[e].get("train_seconds") for e in sorted(history, key=int)],
         "budget": {"epochs": options.epochs,
                                                        "steps_per_epoch": options.steps_per_epoch,
@@ -320,7 +320,8 @@ def long_budget_section(options):
         precision = next((f.split("=", 1)[1] for f in row["flags"] if f.startswith("--precision=")), "float32")
         lines.append(f"| {name}: {ROWS[name][1]} | {interval(report['clean'])} | "
                      f"{interval(pgd) if pgd else ''} | **{interval(report['worst_case'])}** | "
-                     f"{row.get('best_epoch')} | {best - curve[-1][2]:.1f} | {row['seconds_per_epoch']:.0f} | "
+                     f"{row.get('best_epoch')} | {f'{best - curve[-1][2]:.1f}' if curve else '?'} | "
+                     f"{row['seconds_per_epoch']:.0f} | "
                      f"{co} | {precision} |")
     lines += ["", "Validation curves (epoch: PGD-10 % (clean %)):", ""]
     for name, row in done.items():

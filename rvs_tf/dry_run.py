@@ -40,7 +40,7 @@ def _mocked(dataset, num_examples):
 
 
 def dry_run(config, steps=3, eval_examples=8):
-    """Train `config` for 2 epochs of `steps` steps (the second resumed from the first's checkpoint),
+    """Train `config` for 3 epochs of `steps` steps (the last two resumed from the first's checkpoint),
     evaluate `eval_examples` test images with FGSM and PGD-20, export, and return a `DryRunResult`.
 
     Args:
@@ -51,6 +51,9 @@ def dry_run(config, steps=3, eval_examples=8):
     full = data.dataset_info(config.dataset, validation_size=config.validation_size, data_dir=config.data_dir,
                              idx_dir=config.idx_dir) if config.dataset in data.LOCAL_DATASETS else None
     num_train = full.num_train if full else data.published_train_size(config.dataset) - config.validation_size
+    if config.validation_size >= num_train + config.validation_size:
+        raise ValueError(f"validation_size: expected fewer than the {num_train + config.validation_size} "
+                         f"training examples of {config.dataset}, got {config.validation_size}")
     full_steps = config.steps_per_epoch or num_train // config.batch_size
     validation = 2 * config.batch_size
     with tempfile.TemporaryDirectory(prefix="rvs-dry-run-") as scratch, \
@@ -58,15 +61,15 @@ def dry_run(config, steps=3, eval_examples=8):
         export_dir = config.export_dir if config.export_dir != export.DEFAULT_EXPORT_DIR else scratch
         small = dataclasses.replace(config, steps_per_epoch=steps, validation_size=validation,
                                     workdir=os.path.join(scratch, "run"), export_dir=export_dir,
-                                    name=f"{config.run_name}_dry_run", epochs=1)
-        print(f"Dry run of {config.run_name}: 2 epochs of {steps} steps, batch {config.batch_size}, "
+                                    name=f"{config.run_name}_dry_run", epochs=1, export=True)
+        print(f"Dry run of {config.run_name}: 3 epochs of {steps} steps, batch {config.batch_size}, "
               f"{'mocked ' if full is None else ''}{config.dataset} data")
         train_and_export(dataclasses.replace(small, export=False))
         print("Dry run: resuming from the epoch-1 checkpoint")
         started = time.perf_counter()
-        result = train_and_export(dataclasses.replace(small, epochs=2))
+        result = train_and_export(dataclasses.replace(small, epochs=3))
         state = checkpoints.read_json(os.path.join(small.run_dir, "checkpoints", checkpoints.STATE_FILE))
-        seconds = state["history"]["2"]["train_seconds"] / steps  # epoch 2: traced already
+        seconds = state["history"]["3"]["train_seconds"] / steps  # epoch 3: the resumed model is traced
         if result.best_epoch is None or time.perf_counter() - started <= 0:
             raise RuntimeError("dry run: the resumed run did not finish")
         ds, _ = data.make_eval_dataset(config.dataset, split="test", batch_size=eval_examples,

@@ -102,7 +102,10 @@ def resolve(precision):
     fast, what = bfloat16_hardware()
     if not fast:
         return "float32", f"precision auto -> float32: {what}"
-    speedup = probe_speedup()
+    try:
+        speedup = probe_speedup()
+    except (tf.errors.OpError, RuntimeError, ValueError) as error:  # no bfloat16 kernel after all
+        return "float32", f"precision auto -> float32: {what}, but the bfloat16 probe failed ({error})"
     if speedup < PROBE_MIN_SPEEDUP:
         return "float32", (f"precision auto -> float32: {what}, but a bfloat16 convolution ran only "
                            f"{speedup:.1f}x float32's speed here")

@@ -212,6 +212,8 @@ class RunConfig:
         """The config a `record()` describes (fields it lacks, added after it was written, take their
         defaults; names no longer known are ignored), with `settings` for the non-identity fields."""
         known = set(cls.identity_fields())
+        if "mixed_precision" in record and "precision" not in record:  # the field's name before 2026-12
+            record = {**record, "precision": record["mixed_precision"]}
         return cls(**{k: v for k, v in record.items() if k in known}, **settings)
 
     def changes_from(self, other):

@@ -62,10 +62,7 @@ def start(config):
     """The strategy and dtype policy (before any other TensorFlow operation), and the output folders
     checked or made; returns (strategy, whether this worker is the chief)."""
     strategy = distribute.get_strategy(config.strategy)
-    policy, note = precision.resolve(config.precision)
-    precision.set_policy(policy)
-    if config.precision == "auto":
-        print(note)
+    precision.set_policy(config.precision)  # resolved by train_and_export
     chief = distribute.is_chief(strategy)
     if config.export and chief:
         export.check_writable(config.export_dir)
@@ -250,6 +247,10 @@ def train_and_export(config):
     if not isinstance(config, RunConfig):
         raise ValueError(f"config: expected a RunConfig, got {type(config).__name__}")
     started = time.time()
+    if config.precision == "auto":  # recorded as resolved: a resume on hardware that resolves otherwise is refused
+        policy, note = precision.resolve("auto")
+        print(note)
+        config = dataclasses.replace(config, precision=policy)
     strategy, chief = start(config)
     # One run per workdir: released on return or error, taken over once stale after a kill.
     with runlock.RunLock(config.run_dir) if chief else contextlib.nullcontext():

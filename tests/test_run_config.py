@@ -69,3 +69,10 @@ def test_run_config_refuses_what_the_flags_refuse(field, value, expected):
         RunConfig(**{field: value})
     low, high = BOUNDS[field]  # the flags take their bounds from this table (rvs_tf.cli.train._bounds)
     RunConfig(**{field: low if low is not None else high})  # the bound itself is accepted
+
+
+def test_a_workdir_recorded_before_precision_was_named_so_resumes_with_its_policy():
+    record = RunConfig(method="pgd").record()
+    del record["precision"]
+    record["mixed_precision"] = "mixed_bfloat16"
+    assert RunConfig.from_record(record).precision == "mixed_bfloat16"

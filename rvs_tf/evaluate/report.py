@@ -83,7 +83,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     report = {
         "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
         "eps": eps, "norm": "Linf",
-        "precision": {"search": search_policy, "verdicts": "float32",
+        "precision": {"search": search_policy, "verdicts": metadata.get("serving_precision", "float32"),
                       "note": fallback or (search_note if precision == "auto" else ""),
                       "search_breaks_rechecked_in_float32": dict(runner.rechecked)},
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,

@@ -199,7 +199,11 @@ class Runner:
         self.rechecked[spec.name] = self.rechecked.get(spec.name, 0) + len(redo)
         if len(redo):
             x_adv = np.array(x_adv)
-            x_adv[redo] = self._attack_fn(spec, search=False)(x[redo], y[redo], eps_t, seed).numpy()
+            again = self._attack_fn(spec, search=False)(x[redo], y[redo], eps_t, seed).numpy()
+            # A point float32 already misclassifies (if not clearly) is a break: keep it over a re-attack
+            # whose other random start might fail.
+            keep = self.predict(x_adv[redo]).numpy() != y[redo]
+            x_adv[redo] = np.where(keep[:, None, None, None], x_adv[redo], again)
         return x_adv
 
     def labels(self, x):
