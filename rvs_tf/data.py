@@ -194,8 +194,18 @@ def _source(name, split, *, validation_size, data_dir=None, idx_dir=DEFAULT_IDX_
             images, labels = images[part], labels[part]
         return tf.data.Dataset.from_tensor_slices((images, labels))
     import tensorflow_datasets as tfds  # deferred: importing TFDS costs seconds
-    ds = tfds.load(name, split=_tfds_split(split, validation_size), as_supervised=True,
-                   data_dir=data_dir, shuffle_files=False, download=download)
+    try:
+        ds = tfds.load(name, split=_tfds_split(split, validation_size), as_supervised=True,
+                       data_dir=data_dir, shuffle_files=False, download=download)
+    except Exception as error:  # offline download (DownloadError, ConnectionError) or nothing prepared
+        if isinstance(error, (ValueError, TypeError)) and "split" in str(error).lower():
+            raise
+        where = data_dir or "~/tensorflow_datasets"
+        raise FileNotFoundError(
+            f"dataset: TFDS could not load {name!r} from {where} and could not download it ({type(error).__name__}: "
+            f"{str(error)[:200]}). Offline, prepare it on a machine with internet (`tfds build {name}`, or "
+            f"any tfds.load of it), copy the folder {name}/ of its data directory to a folder here and pass "
+            "that folder as --data_dir (data_dir= in Python)") from error
     return ds.map(lambda x, y: (x, tf.cast(y, tf.int64)))
 
 

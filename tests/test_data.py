@@ -281,3 +281,9 @@ def test_tfds_validation_disjoint_and_default_augmentation(name):
             assert matches and max(matches) < 32
             changed += not np.array_equal(img, originals[matches[0]])
         assert changed >= 16
+
+
+def test_a_tfds_dataset_that_cannot_be_loaded_names_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--data_dir.*") as caught:
+        data.make_datasets("cifar10", batch_size=8, data_dir=str(tmp_path), download=False)
+    assert str(tmp_path) in str(caught.value) and "tfds build cifar10" in str(caught.value)
