@@ -153,7 +153,7 @@ def _evaluate(model, x, y, loss_fn, target=None, grad=True, margins=False):
     g = tape.gradient(loss, x, unconnected_gradients=tf.UnconnectedGradients.ZERO) if grad else None
     if margins:
         margin = margin_loss(logits, y)
-        return loss, g, margin, margin > clear_margin(logits)
+        return loss, g, margin, margin > _clear_margin(logits)
     wrong = tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
     return loss, g, wrong
 
@@ -163,7 +163,7 @@ def _evaluate(model, x, y, loss_fn, target=None, grad=True, margins=False):
 CLEAR_MARGIN = 0.01
 
 
-def clear_margin(logits):
+def _clear_margin(logits):
     """Per example, the margin (`margin_loss`) past which it is misclassified clearly."""
     return CLEAR_MARGIN * tf.maximum(1.0, tf.reduce_max(tf.abs(logits), -1))
 
@@ -398,7 +398,7 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
     x_best = tf.clip_by_value(x + stripes, lo, hi)
     logits = model_logits(model, x_best)
     m_best = -margin_loss(logits, y)
-    tol = -clear_margin(logits)  # query on until an example is misclassified clearly, not at the boundary
+    tol = -_clear_margin(logits)  # query on until an example is misclassified clearly, not at the boundary
 
     def body(i, x_best, m_best):
         idx = tf.where(m_best > tol)[:, 0]

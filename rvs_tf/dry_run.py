@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import os
 import tempfile
-import time
 
 from rvs_tf import checkpoints, data, evaluate, export
 from rvs_tf.runs import train_and_export
@@ -51,7 +50,7 @@ def dry_run(config, steps=3, eval_examples=8):
     full = data.dataset_info(config.dataset, validation_size=config.validation_size, data_dir=config.data_dir,
                              idx_dir=config.idx_dir) if config.dataset in data.LOCAL_DATASETS else None
     num_train = full.num_train if full else data.published_train_size(config.dataset) - config.validation_size
-    if config.validation_size >= num_train + config.validation_size:
+    if num_train <= 0:
         raise ValueError(f"validation_size: expected fewer than the {num_train + config.validation_size} "
                          f"training examples of {config.dataset}, got {config.validation_size}")
     full_steps = config.steps_per_epoch or num_train // config.batch_size
@@ -66,11 +65,10 @@ def dry_run(config, steps=3, eval_examples=8):
               f"{'mocked ' if full is None else ''}{config.dataset} data")
         train_and_export(dataclasses.replace(small, export=False))
         print("Dry run: resuming from the epoch-1 checkpoint")
-        started = time.perf_counter()
         result = train_and_export(dataclasses.replace(small, epochs=3))
         state = checkpoints.read_json(os.path.join(small.run_dir, "checkpoints", checkpoints.STATE_FILE))
         seconds = state["history"]["3"]["train_seconds"] / steps  # epoch 3: the resumed model is traced
-        if result.best_epoch is None or time.perf_counter() - started <= 0:
+        if result.best_epoch is None:
             raise RuntimeError("dry run: the resumed run did not finish")
         ds, _ = data.make_eval_dataset(config.dataset, split="test", batch_size=eval_examples,
                                        num_examples=eval_examples, data_dir=config.data_dir,

@@ -36,24 +36,30 @@ def load_model(model):
     return _load_version(path)
 
 
-def search_model(model, policy):
-    """(what the attacks search with, note): `model` itself for float32; for mixed_bfloat16 a bfloat16 copy
-    of a Keras model or an export's `search_bfloat16` signature, or `model` with a note saying why not."""
+def search_model(model, precision):
+    """(what the attacks search with, its policy, note) for `precision` ("auto", "float32" or
+    "mixed_bfloat16", see `rvs_tf.precision.resolve`): `model` itself for float32; for bfloat16 a bfloat16
+    copy of a Keras model or an export's `search_bfloat16` signature, or `model` with a note saying why not."""
+    from rvs_tf.precision import cast_copy, resolve
+
+    policy, note = resolve(precision)
+    note = note if precision == "auto" else ""
     if policy == "float32":
-        return model, ""
+        return model, policy, note
     if policy != "mixed_bfloat16":
-        raise ValueError(f"precision: attacks search in float32 or mixed_bfloat16, got {policy!r}")
+        raise ValueError(f"precision: attacks search in float32 or mixed_bfloat16 (float16 gradients "
+                         f"underflow, which reads as robustness), got {policy}")
     if isinstance(model, keras.Model):
-        from rvs_tf.precision import cast_copy
         try:
-            return cast_copy(model, policy), ""
+            return cast_copy(model, policy), policy, note
         except ValueError as error:
-            return model, f"float32 search: {error}"
+            return model, "float32", f"float32 search: {error}"
     search = getattr(model, "bfloat16_search", None)
     if search is None:
-        return model, ("float32 search: the model offers no bfloat16 computation (an export written "
-                       f"before rvs_tf had the {export.SEARCH_SIGNATURE!r} signature, or a plain callable)")
-    return search, ""
+        return model, "float32", ("float32 search: the model offers no bfloat16 computation (an export "
+                                  f"written before rvs_tf had the {export.SEARCH_SIGNATURE!r} signature, or "
+                                  "a plain callable)")
+    return search, policy, note
 
 
 def _load_version(path):

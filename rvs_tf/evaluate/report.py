@@ -5,7 +5,6 @@ import time
 import contextlib
 import os
 
-from rvs_tf import precision as precision_lib
 from rvs_tf.arguments import check_int
 from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib, state as state_lib
 from rvs_tf.evaluate.models import load_model, search_model
@@ -53,10 +52,6 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     """
     _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
     strategy = resolve_strategy(strategy)
-    search_policy, search_note = precision_lib.resolve(precision)
-    if search_policy == "mixed_float16":
-        raise ValueError("precision: attacks search in float32 or mixed_bfloat16 (float16 gradients "
-                         "underflow, which reads as robustness), got mixed_float16")
     preset = attacks if isinstance(attacks, str) else "custom"
     specs = specs_lib.resolve_attacks(attacks)
     eps = float(eps)
@@ -66,8 +61,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     with strategy.scope() if strategy is not None else contextlib.nullcontext():  # weights on every replica
         logits_fn, metadata, model_name = load_model(model)
     x, y = materialise(dataset, num_examples)
-    search, fallback = search_model(logits_fn, search_policy)
-    search_policy = search_policy if search is not logits_fn else "float32"
+    search, search_policy, search_note = search_model(logits_fn, precision)
     runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy, search_model=search)
     class_names = _class_names(class_names, metadata, runner.num_classes(x), y)
     state = None if state_dir is None else state_lib.EvaluationState(state_dir, state_lib.fingerprint(
@@ -84,7 +78,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
         "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
         "eps": eps, "norm": "Linf",
         "precision": {"search": search_policy, "verdicts": metadata.get("serving_precision", "float32"),
-                      "note": fallback or (search_note if precision == "auto" else ""),
+                      "note": search_note,
                       "search_breaks_rechecked_in_float32": dict(runner.rechecked)},
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
         "clean": rate(int(found.correct.sum()), n),

@@ -53,12 +53,6 @@ def _take(dataset, num_examples):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _clearly_wrong(model, x, y):
-    """Per example, whether `model` misclassifies x by more than the attacks' clear margin."""
-    logits = attacks_lib.model_logits(model, x)
-    return attacks_lib.margin_loss(logits, tf.cast(y, tf.int32)) > attacks_lib.clear_margin(logits)
-
-
 # Traces shared by every Keras model of one architecture, whose weights are arguments:
 # (architecture, what, input signature) -> (weak set of the models using it, tf.function).
 _SHARED_TRACES = {}
@@ -140,9 +134,9 @@ class Runner:
     `strategy` at a time), re-checks every result independently of the attack's own bookkeeping.
 
     With a `search_model` (the same classifier computing in bfloat16), the attacks search with it and
-    every verdict is float32: an example the search broke that the float32 model does not read as clearly
-    misclassified (`attacks.CLEAR_MARGIN`) is attacked again with the float32 model, so a break found in
-    bfloat16 never counts unconfirmed and one bfloat16 rounding hid is not lost."""
+    every verdict is float32: an example the search broke that the float32 model still classifies
+    correctly is attacked again with the float32 model, so a break found in bfloat16 never counts
+    unconfirmed and one bfloat16 rounding hid is not lost."""
 
     def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None, search_model=None):
         self.model, self.batch_size, self.seed = model, batch_size, seed
@@ -154,7 +148,6 @@ class Runner:
         self.predict = self._compile(
             "predict", lambda model, x: tf.argmax(attacks_lib.model_logits(model, x), -1), [self._x_spec])
         if self._search is not None:
-            self._clear = self._compile("clear", _clearly_wrong, [self._x_spec, tf.TensorSpec([None], tf.int64)])
             self._search_wrong = self._compile(
                 "wrong", lambda model, x, y: tf.not_equal(tf.argmax(attacks_lib.model_logits(model, x), -1), y),
                 [self._x_spec, tf.TensorSpec([None], tf.int64)], self._search)
@@ -191,19 +184,16 @@ class Runner:
         return self._compiled[key]
 
     def _confirmed(self, spec, x, y, x_adv, eps_t, seed):
-        """`x_adv` with every example the search broke but float32 does not clearly confirm attacked again
-        in float32 (same seed): the float32 attack's result replaces the search's for those."""
+        """`x_adv` with every example the search broke but float32 still classifies correctly attacked
+        again in float32 (same seed); a point float32 misclassifies is kept as the break it is."""
         if self._search is None or not len(y):
             return x_adv
-        redo = np.flatnonzero(self._search_wrong(x_adv, y).numpy() & ~self._clear(x_adv, y).numpy())
+        unconfirmed = self._search_wrong(x_adv, y).numpy() & (self.predict(x_adv).numpy() == y)
+        redo = np.flatnonzero(unconfirmed)
         self.rechecked[spec.name] = self.rechecked.get(spec.name, 0) + len(redo)
         if len(redo):
             x_adv = np.array(x_adv)
-            again = self._attack_fn(spec, search=False)(x[redo], y[redo], eps_t, seed).numpy()
-            # A point float32 already misclassifies (if not clearly) is a break: keep it over a re-attack
-            # whose other random start might fail.
-            keep = self.predict(x_adv[redo]).numpy() != y[redo]
-            x_adv[redo] = np.where(keep[:, None, None, None], x_adv[redo], again)
+            x_adv[redo] = self._attack_fn(spec, search=False)(x[redo], y[redo], eps_t, seed).numpy()
         return x_adv
 
     def labels(self, x):
