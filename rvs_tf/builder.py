@@ -73,7 +73,8 @@ def _feature_term(config):
     """The OT (or paired-MSE) feature term's options, shared by RVS and rvs_init."""
     return dict(ot_on=config.ot_on, ot_epsilon=config.ot_epsilon, ot_cost_scale=config.ot_cost_scale,
                 ot_max_iters=config.ot_max_iters, ot_gradient=config.ot_gradient,
-                ot_debiased=config.ot_debiased, feature_distance=config.feature_distance)
+                ot_debiased=config.ot_debiased, feature_distance=config.feature_distance,
+                ot_units=config.ot_units)
 
 
 def _generator_model(config, classifier, image_shape, common):

@@ -81,8 +81,10 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
     `window=0` turns it off. Values are per step (recovered from Keras's running means), `window` steps
     at a time.
 
-    Why it happens (issue 14): the OT term is in squared feature units, so its weight against the CE
-    depends on the classifier's feature scale. BatchNorm (batch statistics in training mode) puts
+    Why it happens (issue 14): in raw squared feature units (`ot_units="absolute"`, the authors' and the
+    default before 2026-12-05) the OT term's weight against the CE depends on the classifier's feature
+    scale. The default `ot_units="spread"` divides the term by the clean features' spread, which removes
+    the cause (rvs.feature_spread; benchmarks/BN_CLASSIFIERS.md); the guard stays as the net below it. BatchNorm (batch statistics in training mode) puts
     penultimate features at about unit scale per unit, with a larger clean-synthesised gap, so at the
     start the OT term is 1.7-5.7 against 0.014 for the default small CNN, and its gradient on the
     classifier 1.6-2.7 times the smoothed CE's (0.28 times on the default model). Adam follows it:
@@ -141,8 +143,10 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
         chance = 1.0 / max(int(getattr(self.model, "num_classes", 10)), 2)
         accuracy = float(np.mean([v["clean_accuracy"] for v in recent]))
         where = f"epoch {self._epoch + 1}, step {batch + 1}"
-        advice = ("lower the OT weight (rvs-train --ot_weight=0.1, RVSModel(ot_weight=0.1)) or use a "
-                  "classifier without BatchNorm")
+        advice = "lower the OT weight (rvs-train --ot_weight=0.1, RVSModel(ot_weight=0.1))"
+        if getattr(self.model, "ot_units", None) == "absolute":  # the scale-free term is the first remedy
+            advice = ("measure the OT term in the clean features' spread (rvs-train --ot_units=spread, "
+                      "RVSModel(ot_units='spread'), the default) or " + advice)
         ot = max(v["ot_loss"] for v in recent)
         if accuracy < self.accuracy_factor * chance and ot < self.ot_fraction * self._peak:
             raise FeatureCollapseError(

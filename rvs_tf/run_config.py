@@ -144,6 +144,7 @@ class RunConfig:
     clean_ce_weight: float = 0.0
     rvs_update: str = "alternating"
     feature_distance: str = "sinkhorn"
+    ot_units: str = "spread"
     freeze_generator: bool = False
     eps_warmup_epochs: int = 0
     # Optimisation.
@@ -214,6 +215,8 @@ class RunConfig:
         known = set(cls.identity_fields())
         if "mixed_precision" in record and "precision" not in record:  # the field's name before 2026-12
             record = {**record, "precision": record["mixed_precision"]}
+        if "ot_units" not in record:  # written before the feature term became scale-free (2026-12-05)
+            record = {**record, "ot_units": "absolute"}
         return cls(**{k: v for k, v in record.items() if k in known}, **settings)
 
     def changes_from(self, other):
@@ -224,6 +227,7 @@ class RunConfig:
 
 _CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "arch": models.ARCHITECTURES, "method": METHODS,
             "bound": rvs.BOUNDS, "ot_on": rvs.OT_TARGETS, "ot_gradient": sinkhorn.GRADIENTS,
-            "rvs_update": rvs.RVS_UPDATES, "feature_distance": rvs.FEATURE_DISTANCES, "optimizer": OPTIMIZERS,
+            "rvs_update": rvs.RVS_UPDATES, "feature_distance": rvs.FEATURE_DISTANCES,
+            "ot_units": rvs.OT_UNITS, "optimizer": OPTIMIZERS,
             "generator_optimizer": OPTIMIZERS, "strategy": distribute.STRATEGIES,
             "precision": precision.PRECISIONS, "serving_precision": SERVING_PRECISIONS}

@@ -20,6 +20,9 @@ from rvs_tf.training import RobustModel
 BOUNDS = ("clip", "tanh")
 OT_TARGETS = ("features", "logits")
 FEATURE_DISTANCES = ("sinkhorn", "paired_mse")
+# What the feature term is measured in: the clean batch's feature spread (scale-free), or raw squared
+# feature units (the authors').
+OT_UNITS = ("spread", "absolute")
 RVS_UPDATES = ("alternating", "simultaneous")
 # The Sinkhorn options a model takes as `ot_<name>` keyword arguments (the rest keep their defaults).
 OT_KEYWORDS = ("epsilon", "cost_scale", "max_iters", "gradient", "debiased")
@@ -58,7 +61,8 @@ class GeneratorGame(RobustModel):
 
     def __init__(self, classifier, generator, *, eps, feature_layer=FEATURES_LAYER, ot_weight=1.0,
                  ot_on="features", ot_epsilon=0.01, ot_cost_scale="mean", ot_max_iters=100,
-                 ot_gradient="implicit", ot_debiased=False, feature_distance="sinkhorn", **kwargs):
+                 ot_gradient="implicit", ot_debiased=False, feature_distance="sinkhorn", ot_units="spread",
+                 **kwargs):
         super().__init__(classifier, eps=eps, **kwargs)
         check(isinstance(generator, keras.Model),
               f"generator: expected a keras.Model, got {type(generator).__name__}")
@@ -66,11 +70,13 @@ class GeneratorGame(RobustModel):
         check(float(ot_weight) >= 0, f"ot_weight: expected >= 0, got {ot_weight}")
         check(feature_distance in FEATURE_DISTANCES,
               f"feature_distance: expected one of {FEATURE_DISTANCES}, got {feature_distance!r}")
+        check(ot_units in OT_UNITS, f"ot_units: expected one of {OT_UNITS}, got {ot_units!r}")
         self.generator = generator
         self.feature_layer = feature_layer
         self.ot_weight = float(ot_weight)
         self.ot_on = ot_on
         self.feature_distance = feature_distance
+        self.ot_units = ot_units
         self.ot_options = sinkhorn.SinkhornOptions(  # validated here, before any step
             epsilon=float(ot_epsilon), cost_scale=ot_cost_scale, max_iters=int(ot_max_iters),
             gradient=ot_gradient, debiased=bool(ot_debiased))
@@ -96,9 +102,14 @@ class GeneratorGame(RobustModel):
         config.update(
             generator=keras.saving.serialize_keras_object(self.generator),
             feature_layer=self.feature_layer, ot_weight=self.ot_weight, ot_on=self.ot_on,
-            feature_distance=self.feature_distance,
+            feature_distance=self.feature_distance, ot_units=self.ot_units,
             **{f"ot_{key}": getattr(self.ot_options, key) for key in OT_KEYWORDS})
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # A model saved before `ot_units` existed trained in raw squared feature units: keep them.
+        return super().from_config({"ot_units": "absolute", **config})
 
     def _optimizers(self):
         return {"classifier_optimizer": self.optimizer, "generator_optimizer": self.generator_optimizer}
@@ -129,10 +140,27 @@ class GeneratorGame(RobustModel):
 
     def transport_cost(self, clean, adversarial):
         """The feature distance: entropic OT between the two batches (RVS), or the ablation control
-        "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i)."""
+        "paired_mse", the mean squared distance between h(x_i) and h(x_adv_i); with `ot_units="spread"`
+        divided by `feature_spread(clean)`."""
         if self.feature_distance == "paired_mse":
-            return tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
-        return sinkhorn.entropic_ot(clean, adversarial, options=self.ot_options)
+            distance = tf.reduce_mean(tf.reduce_sum(tf.square(clean - adversarial), axis=-1))
+        else:
+            distance = sinkhorn.entropic_ot(clean, adversarial, options=self.ot_options)
+        if self.ot_units == "spread":
+            distance /= feature_spread(clean) + 1e-12
+        return distance
+
+
+def feature_spread(features):
+    """The mean squared distance of a batch's feature vectors from their mean (the trace of their
+    covariance). Dividing the OT term by the clean batch's spread, gradient included, makes it
+    scale-free: BatchNorm puts features at 6-8x the default CNN's scale, so in raw squared units the
+    term's pull on the classifier outweighs the cross-entropy's, and the cheapest way to shrink it is to
+    shrink or kill the features (guards.FeatureCollapseGuard). Measured relative to the spread, shrinking
+    every feature gains nothing, and making them all alike costs more: only bringing the synthesised
+    features to the clean ones pays."""
+    centred = features - tf.reduce_mean(features, axis=0, keepdims=True)
+    return tf.reduce_mean(tf.reduce_sum(tf.square(centred), axis=-1))
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
@@ -150,8 +178,13 @@ class RVSModel(GeneratorGame):
         `rvs_tf.sinkhorn.entropic_ot` (see there). Default: epsilon 0.01 relative to the mean cost, which
         converges in tens of iterations; the authors' absolute 0.01 (`ot_cost_scale=None`) on raw
         features does not converge in 100 iterations, so most of the mass goes missing from the plan
-        and the term comes out far below the transport cost (flags/cifar10_paper.cfg keeps it). `feature_distance`: "sinkhorn" (RVS) or "paired_mse"
-        (the ablation that replaces OT by the mean squared distance of paired features).
+        and the term comes out far below the transport cost (flags/cifar10_paper.cfg keeps it).
+        `feature_distance`: "sinkhorn" (RVS) or "paired_mse" (the ablation that replaces OT by the mean
+        squared distance of paired features).
+      ot_units: "spread" (default): the feature term divided by the clean batch's feature spread
+        (`feature_spread`), so that it weighs the same against the cross-entropy whatever the feature
+        scale; BatchNorm classifiers train with the defaults. "absolute": raw squared feature units, the
+        authors' (their flag files name it), under which BatchNorm classifiers stall or collapse.
       label_smoothing: authors' 0.5 (true class keeps 1 - s). `clean_ce_weight`: an optional CE term on
         the clean batch (authors: 0). `random_start`: the uniform start of step 3 (authors: on).
       weight_decay: 2e-4 in the authors' recipe, on the classifier's kernels.

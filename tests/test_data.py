@@ -287,3 +287,29 @@ def test_a_tfds_dataset_that_cannot_be_loaded_names_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--data_dir.*") as caught:
         data.make_datasets("cifar10", batch_size=8, data_dir=str(tmp_path), download=False)
     assert str(tmp_path) in str(caught.value) and "tfds build cifar10" in str(caught.value)
+
+
+@pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100), ("svhn_cropped", 10)])
+def test_tfds_datasets_through_the_command_lines(tmp_path, name, classes):
+    """rvs-train and rvs-evaluate on a TFDS dataset as a user runs them once it is downloaded (mocked:
+    random images of the real shape), through the same flags and loading code: the run trains, exports
+    with the dataset's shape and classes, and rvs-evaluate finds the dataset from the export's metadata."""
+    import json
+    import subprocess
+    import sys
+
+    wrapper = os.path.join(os.path.dirname(__file__), "tfds_mock_cli.py")
+    run = lambda *args: subprocess.run([sys.executable, wrapper, *args], capture_output=True, text=True,  # noqa: E731
+                                       timeout=300)
+    trained = run("rvs-train", f"--dataset={name}", "--arch=small_cnn", "--method=rvs", "--epochs=1",
+                  "--steps_per_epoch=2", "--batch_size=8", "--validation_size=8", "--eval_pgd_steps=1",
+                  "--ot_max_iters=5", f"--workdir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exports'}",
+                  "--name=mocked")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"Training rvs on {name} (" in trained.stdout and "Exported to" in trained.stdout
+    evaluated = run("rvs-evaluate", f"--model={tmp_path / 'exports' / 'mocked'}", "--attacks=pgd20",
+                    "--num_examples=8", "--sweep_examples=0", f"--output_dir={tmp_path / 'eval'}", "--noprogress")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["dataset"] == name and report["num_examples"] == 8, report.keys()
+    assert len(report["class_names"]) == classes and "PGD-20" in evaluated.stdout

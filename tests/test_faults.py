@@ -444,24 +444,25 @@ def test_a_seeded_deterministic_rerun_gives_the_same_figures(finished, idx, tmp_
 # -- 9. RVS collapsing on a BatchNorm classifier --------------------------------------------------------
 @pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
                     reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
-@pytest.mark.parametrize("batch_norm", [True, False])
-def test_rvs_collapsing_on_a_batchnorm_classifier_stops_with_what_to_change(batch_norm):
+@pytest.mark.parametrize("batch_norm, ot_units", [(True, "absolute"), (True, "spread"), (False, "spread")])
+def test_rvs_collapsing_on_a_batchnorm_classifier_stops_with_what_to_change(batch_norm, ot_units):
+    """In raw squared feature units (the authors' flag files) BatchNorm features are killed within a few
+    steps and the guard stops the run, naming the scale-free default; the defaults train it."""
     from rvs_tf import data, models
     from rvs_tf.training import FeatureCollapseError, RVSModel
 
     keras.utils.set_random_seed(0)
     x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "train")
     classifier = models.small_cnn((28, 28, 1), 10, batch_norm=batch_norm, widths=(8, 16), feature_dim=32)
-    model = RVSModel(classifier, models.make_generator(32, (28, 28, 1)), eps=0.1)  # the defaults
+    model = RVSModel(classifier, models.make_generator(32, (28, 28, 1)), eps=0.1, ot_units=ot_units)
     model.compile(classifier_optimizer=keras.optimizers.Adam(1e-3),
                   generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-    fit = lambda: model.fit(x[:1024], y[:1024], batch_size=32, epochs=2, verbose=0,
-                            callbacks=[guards.FeatureCollapseGuard(window=20)])
-    if batch_norm:  # OT exactly 0 within a few steps, accuracy at chance
+    if ot_units == "absolute":  # OT exactly 0 within a few steps, accuracy at chance
         with pytest.raises(FeatureCollapseError, match=r"epoch 1, step \d+: the classifier is collapsing: "
                                                        r"clean training accuracy 0\.\d+ \(chance 0\.100\).*"
-                                                       r"--ot_weight=0\.1"):
-            fit()
+                                                       r"--ot_units=spread.*--ot_weight=0\.1"):
+            model.fit(x[:1024], y[:1024], batch_size=32, epochs=2, verbose=0,
+                      callbacks=[guards.FeatureCollapseGuard(window=20)])
     else:  # a healthy run, 128 steps under the guard fit adds itself (both of its checks armed by step 100)
         history = model.fit(x[:1024], y[:1024], batch_size=32, epochs=4, verbose=0).history
         assert len(history["clean_accuracy"]) == 4 and history["clean_accuracy"][-1] > 0.5
@@ -548,25 +549,26 @@ def bn_gap_embedding_classifier():
 
 @pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
                     reason="needs Debian's dataset-fashion-mnist (scripts/setup.sh installs it)")
-@pytest.mark.parametrize("ot_weight", [1.0, 0.1])
-def test_rvs_stalling_on_a_users_batchnorm_classifier_stops_with_what_to_change(ot_weight):
-    """RVSModel's defaults stall (accuracy ~28%, OT term 1.7 -> 0.25) and are stopped at step 56, in
-    about 12 s; with the advised ot_weight=0.1 the same model trains."""
+@pytest.mark.parametrize("ot_units, ot_weight", [("absolute", 1.0), ("absolute", 0.1), ("spread", 1.0)])
+def test_rvs_stalling_on_a_users_batchnorm_classifier_stops_with_what_to_change(ot_units, ot_weight):
+    """In raw squared feature units RVS stalls (accuracy ~28%, OT term 1.7 -> 0.25) and is stopped at
+    step 56, in about 12 s; with the advised ot_weight=0.1, or with the defaults (the term measured in
+    the clean features' spread), the same model trains."""
     from rvs_tf import data, models
     from rvs_tf.training import FeatureCollapseError, RVSModel
 
     keras.utils.set_random_seed(0)
     x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "train")
     model = RVSModel(bn_gap_embedding_classifier(), models.make_generator(64, (28, 28, 1)), eps=0.1,
-                     feature_layer="embedding", ot_weight=ot_weight)
+                     feature_layer="embedding", ot_weight=ot_weight, ot_units=ot_units)
     model.compile(classifier_optimizer=keras.optimizers.Adam(2e-3),
                   generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     fit = lambda: model.fit(x[:2048], y[:2048], batch_size=64, epochs=3, verbose=0,  # noqa: E731
                             callbacks=[guards.FeatureCollapseGuard(window=25)])
-    if ot_weight == 1.0:
+    if (ot_units, ot_weight) == ("absolute", 1.0):
         with pytest.raises(FeatureCollapseError, match=r"epoch 2, step \d+: training has stalled: clean "
                                                        r"training accuracy 0\.[23]\d\d \(chance 0\.100\).*"
-                                                       r"--ot_weight=0\.1"):
+                                                       r"--ot_units=spread.*--ot_weight=0\.1"):
             fit()
     else:
         assert fit().history["clean_accuracy"][-1] > 0.6

@@ -76,3 +76,15 @@ def test_a_workdir_recorded_before_precision_was_named_so_resumes_with_its_polic
     del record["precision"]
     record["mixed_precision"] = "mixed_bfloat16"
     assert RunConfig.from_record(record).precision == "mixed_bfloat16"
+
+
+def test_a_workdir_recorded_before_ot_units_resumes_in_raw_feature_units():
+    """Runs written before the feature term became scale-free trained in raw squared units; resuming
+    one must not switch its objective, and one that names the new default is not mistaken for it."""
+    record = RunConfig(method="rvs").record()
+    assert record["ot_units"] == "spread"
+    del record["ot_units"]
+    assert RunConfig.from_record(record).ot_units == "absolute"
+    assert RunConfig.from_record(RunConfig(method="rvs").record()).ot_units == "spread"
+    with pytest.raises(ValueError, match="ot_units"):
+        RunConfig(method="rvs", ot_units="pixels")

@@ -152,12 +152,13 @@ def test_users_own_classifier_with_a_named_feature_layer():
     _, features = model.heads(tf.constant(x), training=False)
     np.testing.assert_allclose(features.numpy(), penultimate, atol=1e-6)  # the OT term compares that layer
     shifted = penultimate + 0.5
+    spread = np.trace(np.cov(penultimate, rowvar=False, bias=True))
     assert float(model.transport_cost(tf.constant(penultimate), tf.constant(shifted))) == pytest.approx(
-        float(sinkhorn.entropic_ot(penultimate, shifted, epsilon=0.1, cost_scale="mean")), rel=1e-6)
+        float(sinkhorn.entropic_ot(penultimate, shifted, epsilon=0.1, cost_scale="mean")) / spread, rel=1e-5)
     clean_ce = lambda: float(np.mean(keras.losses.sparse_categorical_crossentropy(y, classifier(x),
                                                                                   from_logits=True)))
     before = clean_ce()
-    for _ in range(5):
+    for _ in range(15):
         model.train_on_batch(x, y)
     assert clean_ce() < before - 0.05  # the classifier learns the fixed batch through the user's layers
     with pytest.raises(ValueError, match=re.escape("feature_layer") + ".*'nope'.*penultimate"):
@@ -167,7 +168,7 @@ def test_users_own_classifier_with_a_named_feature_layer():
 @pytest.mark.parametrize("kwargs, message", [
     ({"eps": 0.0}, "eps"), ({"eps": 1.5}, "eps"), ({"bound": "sigmoid"}, "bound"),
     ({"ot_on": "pixels"}, "ot_on"), ({"label_smoothing": 1.0}, "label_smoothing"),
-    ({"ot_gradient": "magic"}, "gradient"),
+    ({"ot_gradient": "magic"}, "gradient"), ({"ot_units": "pixels"}, "ot_units: expected one of"),
 ])
 def test_bad_arguments_name_themselves(kwargs, message):
     options = dict(eps=0.1)
@@ -181,11 +182,46 @@ def test_generator_shape_must_match_the_classifier():
         RVSModel(tiny_classifier(), models.make_generator(8, (16, 16, 1)), eps=0.1)
 
 
-def test_ot_term_matches_the_sinkhorn_module():
-    model = make_model()
+@pytest.mark.parametrize("ot_units", ["absolute", "spread"])
+def test_ot_term_matches_the_sinkhorn_module(ot_units):
+    """In raw squared feature units the term is the solver's; by default it is divided by the clean
+    batch's spread, the trace of its (biased) covariance, computed here by numpy."""
+    model = make_model(ot_units=ot_units)
     a, b = tf.random.normal([8, 16]), tf.random.normal([8, 16])
-    expected = sinkhorn.entropic_ot(a, b, epsilon=0.1, cost_scale="mean", max_iters=50)
-    assert float(model.transport_cost(a, b)) == pytest.approx(float(expected), rel=1e-6)
+    expected = float(sinkhorn.entropic_ot(a, b, epsilon=0.1, cost_scale="mean", max_iters=50))
+    if ot_units == "spread":
+        expected /= np.trace(np.cov(a.numpy(), rowvar=False, bias=True))
+    assert float(model.transport_cost(a, b)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("feature_distance", ["sinkhorn", "paired_mse"])
+def test_default_feature_term_does_not_depend_on_the_feature_scale(feature_distance):
+    """Why BatchNorm classifiers train with the defaults: scaling every feature by c leaves the term
+    unchanged (in raw units it grows as c^2), and its gradient has no component along the features
+    themselves (Euler: a function of degree 0 has a radial derivative of 0), so shrinking or killing the
+    features is no way to lower it. With the spread held fixed the radial derivative would be 2x the term."""
+    a, b = tf.random.normal([16, 8], seed=1), tf.random.normal([16, 8], seed=2) + 0.5
+    spread, absolute = (make_model(ot_units=units, feature_distance=feature_distance) for units in
+                        ("spread", "absolute"))
+    for scale in (0.05, 8.0):
+        assert float(spread.transport_cost(scale * a, scale * b)) == pytest.approx(
+            float(spread.transport_cost(a, b)), rel=1e-4)
+        assert float(absolute.transport_cost(scale * a, scale * b)) == pytest.approx(
+            scale ** 2 * float(absolute.transport_cost(a, b)), rel=1e-4)
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        cost = spread.transport_cost(a, b)
+    grad_a, grad_b = tape.gradient(cost, [a, b])
+    radial = float(tf.reduce_sum(grad_a * a) + tf.reduce_sum(grad_b * b))
+    assert abs(radial) < 1e-3 * float(cost) and float(tf.norm(grad_a)) > 0.1 * float(cost)
+
+
+def test_models_saved_before_ot_units_keep_raw_units():
+    """A config without `ot_units` (written before it existed) trained in raw squared units."""
+    config = make_model().get_config()
+    del config["ot_units"]
+    assert RVSModel.from_config(config).ot_units == "absolute"
+    assert make_model().ot_units == "spread"
 
 
 def test_simultaneous_update_moves_both_players_from_one_point():

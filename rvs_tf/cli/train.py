@@ -117,6 +117,10 @@ flags.DEFINE_enum("rvs_update", D.rvs_update, rvs.RVS_UPDATES,
                   "players' gradients from one forward pass (cheaper; see RVSModel).")
 flags.DEFINE_enum("feature_distance", D.feature_distance, rvs.FEATURE_DISTANCES,
                   "The feature term: entropic OT (RVS) or paired mean squared distance (ablation).")
+flags.DEFINE_enum("ot_units", D.ot_units, rvs.OT_UNITS,
+                  "spread: the feature term divided by the clean batch's feature spread, so it weighs the same "
+                  "whatever the classifier's feature scale (BatchNorm classifiers train); absolute: raw "
+                  "squared feature units, the authors' (their flag files name it).")
 flags.DEFINE_bool("freeze_generator", D.freeze_generator, "Keep the generator at its random initialisation "
                   "(ablation: bounded noise of the same form, no synthesis).")
 flags.DEFINE_integer("eps_warmup_epochs", D.eps_warmup_epochs, "Epochs over which eps ramps up from 0.",

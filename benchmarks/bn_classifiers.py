@@ -1,0 +1,218 @@
+"""RVS on the classifiers people bring (issue 23): BatchNorm networks under RVSModel's defaults, against
+NaturalModel at the same budget, and the authors' recipe on deep BN networks under the collapse guard.
+
+  python benchmarks/bn_classifiers.py                  # every row (hours on 2 CPU cores; resumes)
+  python benchmarks/bn_classifiers.py --rows=cnn_bn.natural,cnn_bn.rvs
+  python benchmarks/bn_classifiers.py --report_only    # rebuild BN_CLASSIFIERS.md from the stored rows
+
+Data: Fashion-MNIST (Debian's IDX files), 28x28 for the small models; padded to 32x32 and repeated to
+3 channels for PreAct-ResNet-18 and WRN-16-4, which is offline and has CIFAR's shape. Each row trains
+for --steps steps of batch --batch_size in bfloat16 where the CPU has it (`--precision=auto`), records
+every step's clean training accuracy, cross-entropy and OT term (the collapse guard's inputs), then
+measures clean accuracy on 2,000 held-out training images (inference mode) and PGD-20 accuracy on
+the first 500 of them (an upper bound on robust accuracy). Rows:
+  <arch>.natural       NaturalModel, Adam 1e-3
+  <arch>.rvs           RVSModel's defaults (ot_units="spread"), Adam 1e-3, generator SGD 0.01
+  <arch>.rvs_absolute  the same in raw squared feature units (ot_units="absolute"), the old default
+  <arch>.authors       the authors' recipe: SGD 0.1, momentum 0.9, label smoothing 0.5, OT weight 1,
+                       absolute epsilon 0.01 in raw units, unrolled Sinkhorn (flags/cifar10_paper.cfg)
+A row stopped by FeatureCollapseGuard is recorded as stopped, with its trajectory. Results go to
+benchmarks/results/bn_classifiers/<row>.json; tests/test_faults.py replays the `authors` trajectories
+through the guard.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "bn_classifiers")
+ARCHS = ("cnn_bn", "gap_bn", "preact_resnet18", "wrn_16_4")
+RECIPES = ("natural", "rvs", "rvs_absolute", "authors")
+# The authors' recipe only where it is theirs: deep BN networks on 32x32 colour images.
+DEFAULT_ROWS = [f"{arch}.{recipe}" for arch in ARCHS for recipe in RECIPES
+                if recipe != "authors" or arch in ("preact_resnet18", "wrn_16_4")]
+
+
+def gap_bn_classifier():
+    """A Keras user's classifier: conv-BatchNorm-ReLU blocks, global average pooling and a 64-unit ReLU
+    embedding (BatchNorm before its ReLU) as the feature layer (tests/test_faults.py has the same)."""
+    import keras
+    images = keras.Input((28, 28, 1))
+    h = images
+    for width in (16, 32):
+        h = keras.layers.Conv2D(width, 3, padding="same")(h)
+        h = keras.layers.BatchNormalization()(h)
+        h = keras.layers.Activation("relu")(h)
+        h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.BatchNormalization()(keras.layers.Dense(64)(h))
+    h = keras.layers.Activation("relu", name="features")(h)
+    return keras.Model(images, keras.layers.Dense(10)(h))
+
+
+def classifier(arch):
+    from rvs_tf import models
+    if arch == "cnn_bn":
+        return models.small_cnn((28, 28, 1), 10, batch_norm=True)
+    if arch == "gap_bn":
+        return gap_bn_classifier()
+    if arch == "preact_resnet18":
+        return models.preact_resnet18((32, 32, 3), 10)
+    return models.wide_resnet((32, 32, 3), 10, depth=16, width=4)
+
+
+def images(arch, validation=2000):
+    """(train x, train y, held-out x, held-out y) in [0, 1], in the arch's input shape."""
+    from rvs_tf import data
+    x, y = data.load_idx_arrays(data.DEFAULT_IDX_DIR, "train")
+    if arch in ("preact_resnet18", "wrn_16_4"):
+        x = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))), 3, axis=-1)
+    return x[:-validation], y[:-validation], x[-validation:], y[-validation:]
+
+
+class StepLog:
+    """Per-step values recovered from Keras's running means (what FeatureCollapseGuard sees)."""
+
+    KEYS = ("clean_accuracy", "ce_loss", "ot_loss", "accuracy", "loss")
+
+    def __init__(self):
+        import keras
+
+        log = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                log.previous = {}
+
+            def on_train_batch_end(self, batch, logs=None):
+                n = batch + 1
+                for key in StepLog.KEYS:
+                    if key in (logs or {}):
+                        mean = float(np.mean(logs[key]))
+                        log.steps.setdefault(key, []).append(mean * n - log.previous.get(key, 0.0) * (n - 1))
+                        log.previous[key] = mean
+
+        self.steps, self.previous, self.callback = {}, {}, Callback()
+
+
+def run_row(row, args):
+    import keras
+    import tensorflow as tf
+    from rvs_tf import attacks, models, precision
+    from rvs_tf.baselines import NaturalModel
+    from rvs_tf.guards import FeatureCollapseError
+    from rvs_tf.training import RVSModel
+
+    arch, recipe = row.split(".")
+    policy = precision.set_policy(args.precision)
+    keras.utils.set_random_seed(args.seed)
+    x, y, x_val, y_val = images(arch)
+    net = classifier(arch)
+    image_shape = tuple(net.input_shape[1:])
+    if recipe == "natural":
+        model = NaturalModel(net, eps=args.eps, label_smoothing=0.0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    else:
+        options = dict(ot_units="absolute") if recipe == "rvs_absolute" else {}
+        if recipe == "authors":
+            options = dict(ot_units="absolute", ot_cost_scale=None, ot_gradient="unrolled", ot_weight=1.0,
+                           label_smoothing=0.5)
+        model = RVSModel(net, models.make_generator(64, image_shape), eps=args.eps, **options)
+        lr = keras.optimizers.SGD(0.1, momentum=0.9) if recipe == "authors" else keras.optimizers.Adam(1e-3)
+        model.compile(classifier_optimizer=lr, generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    log = StepLog()
+    n = args.steps * args.batch_size
+    train = tf.data.Dataset.from_tensor_slices((x[:n], y[:n])).shuffle(n, seed=args.seed).batch(
+        args.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    started, stopped = time.time(), None
+    try:
+        model.fit(train, epochs=1, verbose=0, callbacks=[log.callback])
+    except FeatureCollapseError as error:
+        stopped = str(error)
+    seconds = time.time() - started
+    result = dict(row=row, arch=arch, recipe=recipe, steps=args.steps, batch_size=args.batch_size,
+                  eps=args.eps, precision=policy, seed=args.seed, train_seconds=seconds, stopped=stopped,
+                  parameters=int(net.count_params()), trajectory=log.steps)
+    if stopped is None:
+        clean = float(np.mean(np.argmax(net.predict(x_val, batch_size=500, verbose=0), -1) == y_val))
+        xs, ys = tf.constant(x_val[:500]), tf.constant(y_val[:500])
+        adversarial = attacks.pgd(net, xs, ys, eps=args.eps, steps=20, seed=0)
+        robust = float(np.mean(np.argmax(net.predict(adversarial.numpy(), batch_size=500, verbose=0), -1)
+                               == y_val[:500]))
+        result.update(clean_accuracy=clean, pgd20_accuracy=robust,
+                      pgd20="PGD-20, 1 restart, step 2.5 eps/20, eps %.3g, L-inf, first 500 held-out images "
+                            "(an upper bound)" % args.eps)
+    return result
+
+
+def report():
+    rows = {}
+    for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        with open(os.path.join(RESULTS, name)) as f:
+            result = json.load(f)
+        rows[result["row"]] = result
+    lines = ["# RVS on BatchNorm classifiers", "",
+             "Made by `python benchmarks/bn_classifiers.py` (see its docstring for the data and each recipe). "
+             "Clean: 2,000 held-out Fashion-MNIST training images, inference mode. PGD-20: the first 500 of "
+             "them, eps 0.1, L-inf, 1 restart (an upper bound on robust accuracy). Train acc.: the mean clean "
+             "training accuracy (batch statistics) over the last 50 steps. Natural gap: natural training's "
+             "clean accuracy minus the row's.", "",
+             "| row | steps x batch | precision | clean | natural gap | PGD-20 | train acc. | OT term first 10 -> last 50 | stopped by the guard | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in [r for r in DEFAULT_ROWS if r in rows] + sorted(set(rows) - set(DEFAULT_ROWS)):
+        r = rows[row]
+        trajectory = r["trajectory"]
+        accuracy = trajectory.get("clean_accuracy") or trajectory.get("accuracy") or [float("nan")]
+        ot = trajectory.get("ot_loss")
+        natural = rows.get(r["arch"] + ".natural", {}).get("clean_accuracy")
+        clean = r.get("clean_accuracy")
+        gap = "-" if clean is None or natural is None or r["recipe"] == "natural" else f"{100 * (natural - clean):.1f}"
+        ot_text = f"{np.mean(ot[:10]):.3g} -> {np.mean(ot[-50:]):.3g}" if ot else "-"
+        percent = lambda value: "-" if value is None else f"{100 * value:.1f}"  # noqa: E731
+        stop = "no" if r["stopped"] is None else r["stopped"].split(": the")[0] + ": " + (
+            "collapse" if "collapsing" in r["stopped"] else "stall")
+        lines.append(f"| {row} | {r['steps']} x {r['batch_size']} | {r['precision']} | {percent(clean)} | {gap} | "
+                     f"{percent(r.get('pgd20_accuracy'))} | {percent(float(np.mean(accuracy[-50:])))} | "
+                     f"{ot_text} | {stop} | {r['train_seconds']:.0f} |")
+    with open(os.path.join(HERE, "BN_CLASSIFIERS.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--force", action="store_true", help="rerun rows that have a result")
+    args = parser.parse_args()
+    if not args.report_only:
+        os.makedirs(RESULTS, exist_ok=True)
+        for row in args.rows.split(","):
+            arch, _, recipe = row.partition(".")
+            if arch not in ARCHS or recipe not in RECIPES:
+                sys.exit(f"--rows: {row!r} is not <arch>.<recipe> with arch in {ARCHS}, recipe in {RECIPES}")
+            path = os.path.join(RESULTS, f"{row}.json")
+            if os.path.exists(path) and not args.force:
+                print(f"== {row}: done, kept", flush=True)
+                continue
+            print(f"== {row}", flush=True)
+            result = run_row(row, args)  # one process per row would isolate the policy; set_policy resets it
+            with open(path + ".tmp", "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(path + ".tmp", path)
+            print(f"   {row}: clean {result.get('clean_accuracy')}, PGD-20 {result.get('pgd20_accuracy')}, "
+                  f"stopped {result['stopped']}, {result['train_seconds']:.0f} s", flush=True)
+    report()
+
+
+if __name__ == "__main__":
+    main()
