@@ -1,4 +1,5 @@
-"""L-inf evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square.
+"""Evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square, L-inf; FGSM (as FGM) and
+PGD also under L2 (`norm="l2"`, see rvs_tf.threat_model).
 
 Every attack takes `model`, any callable mapping float32 images in [0, 1] ([B, ...]) to logits [B, K]: a
 Keras model (called with `training=False`), a SavedModel signature wrapper, or a plain function; a dict
@@ -24,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from rvs_tf.arguments import check_int
+from rvs_tf.threat_model import ThreatModel
 
 __all__ = ["model_logits", "LOSSES", "fgsm", "pgd", "apgd", "apgd_checkpoints", "square"]
 
@@ -174,19 +176,22 @@ _graph_ready = tf.autograph.experimental.do_not_convert
 
 
 @_graph_ready
-def fgsm(model, x, y, *, eps):
-    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps on the cross-entropy."""
+def fgsm(model, x, y, *, eps, norm="linf"):
+    """Fast gradient sign method (Goodfellow et al. 2015): one step of size eps on the cross-entropy;
+    under `norm="l2"` the fast gradient method (FGM): a step of L2 length eps along the gradient."""
     _check_eps(eps)
+    threat = ThreatModel.of(norm, eps)
     x, y = _inputs(x, y)
-    lo, hi = ball(x, eps)
     _, g, _ = _evaluate(model, x, y, ce_loss)
-    return tf.clip_by_value(x + tf.cast(eps, tf.float32) * tf.sign(g), lo, hi)
+    return threat.clip(x + tf.cast(eps, tf.float32) * threat.ascent(g), x)
 
 
 @_graph_ready
 def pgd(model, x, y, *, eps, steps=10, step_size=None, restarts=1, loss="ce", random_start=True,
-        seed=None):
-    """Projected gradient (sign) ascent (Madry et al. 2018), L-inf.
+        seed=None, norm="linf"):
+    """Projected gradient ascent (Madry et al. 2018): L-inf sign steps, or under `norm="l2"` steps of L2
+    length step_size along the normalised gradient, projected onto the L2 ball and [0, 1]; the random
+    start is drawn uniformly from the ball.
 
     step_size None is 2.5 * eps / steps (enough to cross the ball from a random start). loss "ce" or
     "margin"/"cw" (Carlini-Wagner margin, immune to softmax saturation) or "dlr". Returns, per example,
@@ -199,21 +204,22 @@ def pgd(model, x, y, *, eps, steps=10, step_size=None, restarts=1, loss="ce", ra
         raise ValueError(f"restarts: expected 1 without random_start (every restart would be the same), "
                          f"got {restarts}")
     loss_fn = _loss_fn(loss)
+    threat = ThreatModel.of(norm, eps)
     x, y = _inputs(x, y)
-    lo, hi = ball(x, eps)
     alpha = tf.cast(2.5 * eps / steps if step_size is None else step_size, tf.float32)
     best = (x, tf.fill(tf.shape(y), -math.inf), tf.zeros_like(y, tf.bool))
     for r in range(restarts):
-        noise = _uniform(tf.shape(x), -1.0, 1.0, seed, r) * tf.cast(eps, tf.float32)
-        start = x + noise if random_start else x
+        # Restart r draws with salt r (L2 also with r + 1000 and r + 2000), as L-inf always has.
+        draw = lambda shape, low, high, salt, r=r: _uniform(shape, low, high, seed, r + 1000 * salt)  # noqa: E731
+        start = x + threat.random(tf.shape(x), draw) if random_start else x
 
         def body(i, xa, bx, bs, bw):
             score, g, wrong = _evaluate(model, xa, y, loss_fn)
             bx, bs, bw = _keep_best(bx, bs, bw, xa, score, wrong)
-            return i + 1, tf.clip_by_value(xa + alpha * tf.sign(g), lo, hi), bx, bs, bw
+            return i + 1, threat.clip(xa + alpha * threat.ascent(g), x), bx, bs, bw
 
         _, xa, *best = tf.while_loop(lambda i, *_: i < steps, body,
-                                     (tf.constant(0), tf.clip_by_value(start, lo, hi), *best))
+                                     (tf.constant(0), threat.clip(start, x), *best))
         score, _, wrong = _evaluate(model, xa, y, loss_fn, grad=False)
         best = _keep_best(*best, xa, score, wrong)
     return best[0]
