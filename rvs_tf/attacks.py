@@ -1,5 +1,5 @@
-"""Evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square, L-inf; FGSM (as FGM) and
-PGD also under L2 (`norm="l2"`, see rvs_tf.threat_model).
+"""Evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square, L-inf; FGSM (as FGM), PGD
+and APGD also under L2 (`norm="l2"`, see rvs_tf.threat_model).
 
 Every attack takes `model`, any callable mapping float32 images in [0, 1] ([B, ...]) to logits [B, K]: a
 Keras model (called with `training=False`), a SavedModel signature wrapper, or a plain function; a dict
@@ -245,7 +245,7 @@ def _any_batch(t):
     return tf.TensorShape([None]).concatenate(t.shape[1:])
 
 
-def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
+def _apgd_run(model, x, y, target, threat, steps, loss_fn, rho, seed):
     """One APGD run (Croce & Hein 2020, Algorithm 1) with per-example step sizes -> (x_adv, wrong).
 
     An example leaves the loop at the first point the model misclassifies clearly (by CLEAR_MARGIN); it
@@ -254,11 +254,8 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
     runs in inference mode, so no example's path depends on another's: dropping broken examples finds the
     same broken set as running all of them for every step, at the cost of the survivors only.
     """
-    lo, hi = ball(x, eps)
-    eps = tf.cast(eps, tf.float32)
-    u = _uniform(tf.shape(x), -1.0, 1.0, seed, 0)
-    u_max = tf.reduce_max(tf.abs(u), axis=list(range(1, x.shape.rank)), keepdims=True)
-    x0 = tf.clip_by_value(x + eps * u / tf.maximum(u_max, 1e-12), lo, hi)
+    eps = tf.cast(threat.eps, tf.float32)
+    x0 = threat.clip(x + threat.random_on_sphere(tf.shape(x), lambda *a: _uniform(*a[:3], seed, a[3])), x)
     targets = y if target is None else target  # a placeholder the loss ignores when untargeted
     l0, g0, m0, c0 = _evaluate(model, x0, y, loss_fn, target, margins=True)
     interval = [0] * (steps + 1)  # interval[w_j] = w_j - w_{j-1}, 0 elsewhere
@@ -268,10 +265,10 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
     interval = tf.constant(interval, tf.float32)
 
     def body(k, out_x, where, live):
-        xc, xp, gc, lc, xm, gm, fm, eta, n_up, fm_ck, red_ck, mb, lo, hi, ys, ts = live
+        xc, xp, gc, lc, xm, gm, fm, eta, n_up, fm_ck, red_ck, mb, xs, ys, ts = live
         a = tf.where(k == 0, 1.0, 0.75)  # no momentum on the first step
-        z = tf.clip_by_value(xc + eta * tf.sign(gc), lo, hi)
-        xn = tf.clip_by_value(xc + a * (z - xc) + (1.0 - a) * (xc - xp), lo, hi)
+        z = threat.clip(xc + eta * threat.ascent(gc), xs)
+        xn = threat.clip(xc + a * (z - xc) + (1.0 - a) * (xc - xp), xs)
         ln, gn, mn, clear = _evaluate(model, xn, ys, loss_fn, None if target is None else ts, margins=True)
         wider = (mn > 0.0) & (mn > mb)  # misclassified, and by more than the point kept so far
         out_x = tf.tensor_scatter_nd_update(out_x, tf.boolean_mask(where, wider)[:, None],
@@ -288,12 +285,12 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
         h = _per_example(halve, xn)
         live = (tf.where(h, xm, xn), tf.where(h, xm, xc), tf.where(h, gm, gn), tf.where(halve, fm, ln),
                 xm, gm, fm, tf.where(h, eta / 2.0, eta), tf.where(at_ck, 0.0, n_up),
-                tf.where(at_ck, fm, fm_ck), tf.where(at_ck, halve, red_ck), tf.maximum(mn, mb), lo, hi, ys, ts)
+                tf.where(at_ck, fm, fm_ck), tf.where(at_ck, halve, red_ck), tf.maximum(mn, mb), xs, ys, ts)
         return k + 1, out_x, tf.boolean_mask(where, ~clear), _shrink(live, ~clear)
 
     eta = _per_example(tf.fill(tf.shape(l0), 2.0 * eps), x)
     zeros = tf.zeros_like(l0)
-    live = (x0, x0, g0, l0, x0, g0, l0, eta, zeros, l0, tf.zeros_like(c0), m0, lo, hi, y, targets)
+    live = (x0, x0, g0, l0, x0, g0, l0, eta, zeros, l0, tf.zeros_like(c0), m0, x, y, targets)
     where = tf.boolean_mask(tf.range(tf.shape(y, out_type=tf.int64)[0]), ~c0)
     state = (tf.constant(0), tf.where(_per_example(m0 > 0.0, x), x0, x), where, _shrink(live, ~c0))
     invariants = (tf.TensorShape([]), x.shape, tf.TensorShape([None]), tuple(_any_batch(t) for t in live))
@@ -307,8 +304,10 @@ def _apgd_run(model, x, y, target, eps, steps, loss_fn, rho, seed):
 
 @_graph_ready
 def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, num_targets=9, seed=None,
-         rho=0.75):
+         rho=0.75, norm="linf"):
     """Auto-PGD (Croce & Hein 2020): momentum 0.75, step 2*eps halved at checkpoints, restart from best.
+    Under `norm="l2"` (AutoAttack's L2 form) the steps follow the L2-normalised gradient, each point is
+    projected onto the L2 ball and [0, 1], and a run starts on the ball's sphere.
 
     loss "ce" (APGD-CE) or "dlr" (APGD-DLR); with targeted=True each of the `num_targets` classes with the
     highest clean logits other than the true one is tried in turn (APGD-T; num_targets is capped at K-1),
@@ -321,6 +320,7 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
     if not 0.0 < rho < 1.0:
         raise ValueError(f"rho: expected a number in (0, 1), got {rho!r}")
     loss_fn = _loss_fn(loss)
+    threat = ThreatModel.of(norm, eps)
     x, y = _inputs(x, y)
     logits = model_logits(model, x)
     ranked, num_runs = None, restarts
@@ -343,7 +343,7 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, targeted=False, 
         run_seed = None if base_seed is None else tf.random.experimental.stateless_fold_in(base_seed, j)
         # Keras layers such as Flatten cannot take an empty batch, so skip a run with nothing left.
         xr, wrong = tf.cond(tf.size(idx) > 0,
-                            lambda: _apgd_run(model, xs, ys, ts, eps, steps, loss_fn, rho, run_seed),
+                            lambda: _apgd_run(model, xs, ys, ts, threat, steps, loss_fn, rho, run_seed),
                             lambda: (xs, tf.zeros_like(ys, tf.bool)))
         # Examples this run broke take its point; robust ones keep the clean point.
         best_x = tf.tensor_scatter_nd_update(best_x, idx[:, None], xr)

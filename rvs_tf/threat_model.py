@@ -110,6 +110,17 @@ class ThreatModel(NamedTuple):
         radius = eps * uniform(batch_shape, 0.0, 1.0, 2) ** (1.0 / dims)
         return direction * radius
 
+    def random_on_sphere(self, shape, uniform):
+        """A random point on the ball's boundary, where APGD starts (L-inf: uniform noise rescaled so its
+        largest pixel is eps, as AutoAttack; L2: a uniform direction of length eps). `uniform` as in
+        `random`."""
+        eps = self._eps()
+        if self.norm == "linf":
+            u = uniform(shape, -1.0, 1.0, 0)
+            return eps * u / tf.maximum(self.size(u), _TINY)
+        point = self.random(shape, uniform)
+        return eps * point / tf.maximum(self.size(point), _TINY)
+
     def describe(self):
         """How reports name it: 'eps=0.1, L-inf' or 'eps=1.5, L2'."""
         eps = float(self.eps) if not tf.is_tensor(self.eps) else float(self.eps.numpy())

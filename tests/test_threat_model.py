@@ -142,3 +142,31 @@ def test_bad_norms_and_implausible_radii_are_named():
     assert "reads like a l2 radius" in eps_warning("linf", 1.5)
     assert "reads like a linf radius" in eps_warning("l2", 8 / 255)
     assert eps_warning("linf", 8 / 255) is None and eps_warning("l2", 0.5) is None
+
+
+def test_apgd_l2_breaks_exactly_what_the_closed_form_says_and_stays_feasible():
+    """APGD's L2 form on the linear binary model, no step size set by hand: an example is breakable in
+    the ball exactly when its margin is below eps * ||w||; APGD breaks every such one and no other, and
+    every point it returns is feasible."""
+    rng = np.random.default_rng(5)
+    weights = rng.normal(0, 0.3, (75, 2)).astype("float32")
+    x = rng.uniform(0.3, 0.7, (20, 5, 5, 3)).astype("float32")
+    y = np.zeros(20, "int64")
+    w = weights[:, 0] - weights[:, 1]
+    margin = lambda images: np.asarray(images).reshape(len(images), -1) @ w  # noqa: E731
+    reachable = 0.5 * np.linalg.norm(w)
+    x_adv = attacks.apgd(linear_model(weights), x, y, eps=0.5, steps=100, loss="ce", seed=0, norm="l2").numpy()
+    robust, breakable = margin(x) > reachable * 1.01, (margin(x) > 0) & (margin(x) < reachable * 0.99)
+    assert robust.sum() >= 3 and breakable.sum() >= 3 and l2(x_adv - x).max() <= 0.5 * (1 + 1e-5)
+    assert np.all(margin(x_adv[breakable]) < 0) and np.all(margin(x_adv[robust]) > 0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(5)])
+    x = rng.choice([0.0, 0.01, 0.5, 0.99, 1.0], (32, 8, 8, 1)).astype("float32")
+    labels = rng.integers(0, 5, 32)
+    for eps in (0.3, 10.0):
+        for targeted in (False, True):
+            x_adv = attacks.apgd(model, x, labels, eps=eps, steps=10, loss="dlr" if targeted else "ce",
+                                 targeted=targeted, num_targets=2, seed=2, norm="l2").numpy()
+            assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0 and l2(x_adv - x).max() <= eps * (1 + 1e-5)
+
