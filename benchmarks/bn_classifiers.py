@@ -37,29 +37,14 @@ DEFAULT_ROWS = [f"{arch}.{recipe}" for arch in ARCHS for recipe in RECIPES
                 if recipe != "authors" or arch in ("preact_resnet18", "wrn_16_4")]
 
 
-def gap_bn_classifier():
-    """A Keras user's classifier: conv-BatchNorm-ReLU blocks, global average pooling and a 64-unit ReLU
-    embedding (BatchNorm before its ReLU) as the feature layer (tests/test_faults.py has the same)."""
-    import keras
-    images = keras.Input((28, 28, 1))
-    h = images
-    for width in (16, 32):
-        h = keras.layers.Conv2D(width, 3, padding="same")(h)
-        h = keras.layers.BatchNormalization()(h)
-        h = keras.layers.Activation("relu")(h)
-        h = keras.layers.MaxPooling2D()(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    h = keras.layers.BatchNormalization()(keras.layers.Dense(64)(h))
-    h = keras.layers.Activation("relu", name="features")(h)
-    return keras.Model(images, keras.layers.Dense(10)(h))
-
-
 def classifier(arch):
     from rvs_tf import models
     if arch == "cnn_bn":
         return models.small_cnn((28, 28, 1), 10, batch_norm=True)
-    if arch == "gap_bn":
-        return gap_bn_classifier()
+    if arch == "gap_bn":  # the Keras user's classifier of the tests: conv-BN blocks, GAP, BN + ReLU embedding
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+        from test_faults import bn_gap_embedding_classifier
+        return bn_gap_embedding_classifier()
     if arch == "preact_resnet18":
         return models.preact_resnet18((32, 32, 3), 10)
     return models.wide_resnet((32, 32, 3), 10, depth=16, width=4)
@@ -121,6 +106,8 @@ def run_row(row, args):
         if recipe == "authors":
             options = dict(ot_units="absolute", ot_cost_scale=None, ot_gradient="unrolled", ot_weight=1.0,
                            label_smoothing=0.5)
+        if arch == "gap_bn":
+            options["feature_layer"] = "embedding"
         model = RVSModel(net, models.make_generator(64, image_shape), eps=args.eps, **options)
         lr = keras.optimizers.SGD(0.1, momentum=0.9) if recipe == "authors" else keras.optimizers.Adam(1e-3)
         model.compile(classifier_optimizer=lr, generator_optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
@@ -173,7 +160,7 @@ def report():
         gap = "-" if clean is None or natural is None or r["recipe"] == "natural" else f"{100 * (natural - clean):.1f}"
         ot_text = f"{np.mean(ot[:10]):.3g} -> {np.mean(ot[-50:]):.3g}" if ot else "-"
         percent = lambda value: "-" if value is None else f"{100 * value:.1f}"  # noqa: E731
-        stop = "no" if r["stopped"] is None else r["stopped"].split(": the")[0] + ": " + (
+        stop = "no" if r["stopped"] is None else r["stopped"].split(":")[0] + ": " + (
             "collapse" if "collapsing" in r["stopped"] else "stall")
         lines.append(f"| {row} | {r['steps']} x {r['batch_size']} | {r['precision']} | {percent(clean)} | {gap} | "
                      f"{percent(r.get('pgd20_accuracy'))} | {percent(float(np.mean(accuracy[-50:])))} | "

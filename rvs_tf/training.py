@@ -270,11 +270,13 @@ class RobustModel(keras.Model):
 
     def test_step(self, data):
         """Clean accuracy, and accuracy under FGSM and PGD (`eval_pgd_steps`, CE, random start) at eps.
-        A large FGSM-PGD gap is the signature of catastrophic overfitting (`rvs_tf.monitors`)."""
+        A large FGSM-PGD gap is the signature of catastrophic overfitting (`rvs_tf.monitors`). The PGD's
+        random start is a function of the step count (stream 15), so a resumed run validates exactly as an
+        uninterrupted one, and the best epoch is not picked by the draw of the noise."""
         x, y, weights = self.unpack(data)
         clean_logits = self.logits(x, training=False)
         inference = lambda images: self.logits(images, training=False)  # noqa: E731
-        x_pgd = attacks.pgd(inference, x, y, eps=self.eps, steps=self.eval_pgd_steps)
+        x_pgd = attacks.pgd(inference, x, y, eps=self.eps, steps=self.eval_pgd_steps, seed=self.step_seed(15))
         x_fgsm = attacks.fgsm(inference, x, y, eps=self.eps)
         self.loss_tracker.update_state(self.cross_entropy(self.targets(y), clean_logits, weights))
         self.accuracy_tracker.update_state(y, clean_logits, sample_weight=weights)

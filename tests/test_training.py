@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rvs_tf import models, sinkhorn
+from rvs_tf import models, rvs, sinkhorn
+from rvs_tf.rvs import feature_spread
 from rvs_tf.training import RVSModel, kernel_l2, smooth_labels
 
 SHAPE = (12, 12, 1)
@@ -152,9 +153,9 @@ def test_users_own_classifier_with_a_named_feature_layer():
     _, features = model.heads(tf.constant(x), training=False)
     np.testing.assert_allclose(features.numpy(), penultimate, atol=1e-6)  # the OT term compares that layer
     shifted = penultimate + 0.5
-    spread = np.trace(np.cov(penultimate, rowvar=False, bias=True))
+    factor = min(1.0, rvs.REFERENCE_SPREAD / np.trace(np.cov(penultimate, rowvar=False, bias=True)))
     assert float(model.transport_cost(tf.constant(penultimate), tf.constant(shifted))) == pytest.approx(
-        float(sinkhorn.entropic_ot(penultimate, shifted, epsilon=0.1, cost_scale="mean")) / spread, rel=1e-5)
+        float(sinkhorn.entropic_ot(penultimate, shifted, epsilon=0.1, cost_scale="mean")) * factor, rel=1e-5)
     clean_ce = lambda: float(np.mean(keras.losses.sparse_categorical_crossentropy(y, classifier(x),
                                                                                   from_logits=True)))
     before = clean_ce()
@@ -184,26 +185,34 @@ def test_generator_shape_must_match_the_classifier():
 
 @pytest.mark.parametrize("ot_units", ["absolute", "spread"])
 def test_ot_term_matches_the_sinkhorn_module(ot_units):
-    """In raw squared feature units the term is the solver's; by default it is divided by the clean
-    batch's spread, the trace of its (biased) covariance, computed here by numpy."""
+    """In raw squared feature units the term is the solver's; by default it is scaled by
+    min(1, REFERENCE_SPREAD / spread), the spread being the trace of the clean batch's (biased)
+    covariance, computed here by numpy (about 16 for these 16-d unit normals: a factor near 1/2)."""
     model = make_model(ot_units=ot_units)
     a, b = tf.random.normal([8, 16]), tf.random.normal([8, 16])
     expected = float(sinkhorn.entropic_ot(a, b, epsilon=0.1, cost_scale="mean", max_iters=50))
     if ot_units == "spread":
-        expected /= np.trace(np.cov(a.numpy(), rowvar=False, bias=True))
+        spread = np.trace(np.cov(a.numpy(), rowvar=False, bias=True))
+        assert spread > rvs.REFERENCE_SPREAD
+        expected *= rvs.REFERENCE_SPREAD / spread
     assert float(model.transport_cost(a, b)) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("feature_distance", ["sinkhorn", "paired_mse"])
-def test_default_feature_term_does_not_depend_on_the_feature_scale(feature_distance):
-    """Why BatchNorm classifiers train with the defaults: scaling every feature by c leaves the term
-    unchanged (in raw units it grows as c^2), and its gradient has no component along the features
-    themselves (Euler: a function of degree 0 has a radial derivative of 0), so shrinking or killing the
+def test_default_feature_term_stops_growing_with_the_feature_scale(feature_distance):
+    """Why BatchNorm classifiers train with the defaults: below the reference spread the term is the raw
+    one (the default CNN trains exactly as the authors'); above it, scaling every feature by c leaves the
+    term unchanged where in raw units it grows as c^2, and its gradient has no component along the
+    features themselves (Euler: a function of degree 0 has a radial derivative of 0), so shrinking the
     features is no way to lower it. With the spread held fixed the radial derivative would be 2x the term."""
     a, b = tf.random.normal([16, 8], seed=1), tf.random.normal([16, 8], seed=2) + 0.5
     spread, absolute = (make_model(ot_units=units, feature_distance=feature_distance) for units in
                         ("spread", "absolute"))
-    for scale in (0.05, 8.0):
+    small = 0.5  # spread about 0.25 x 8 = 2: under the reference
+    assert float(spread.transport_cost(small * a, small * b)) == float(absolute.transport_cost(small * a, small * b))
+    a, b = 2.0 * a, 2.0 * b  # spread about 32: over the reference
+    assert float(feature_spread(a)) > 2 * rvs.REFERENCE_SPREAD
+    for scale in (0.8, 5.0):
         assert float(spread.transport_cost(scale * a, scale * b)) == pytest.approx(
             float(spread.transport_cost(a, b)), rel=1e-4)
         assert float(absolute.transport_cost(scale * a, scale * b)) == pytest.approx(
@@ -213,7 +222,7 @@ def test_default_feature_term_does_not_depend_on_the_feature_scale(feature_dista
         cost = spread.transport_cost(a, b)
     grad_a, grad_b = tape.gradient(cost, [a, b])
     radial = float(tf.reduce_sum(grad_a * a) + tf.reduce_sum(grad_b * b))
-    assert abs(radial) < 1e-3 * float(cost) and float(tf.norm(grad_a)) > 0.1 * float(cost)
+    assert abs(radial) < 1e-3 * float(cost) and float(tf.norm(grad_a) * tf.norm(a)) > 0.1 * float(cost)
 
 
 def test_models_saved_before_ot_units_keep_raw_units():
