@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/eval_speed.py                          # natural and fast-AT small CNNs
     .venv/bin/python benchmarks/eval_speed.py --model=saved_models/<name>/<version>   # any exported model
     .venv/bin/python benchmarks/eval_speed.py --model=... --compare_art --num_examples=500   # against ART
+    .venv/bin/python benchmarks/eval_speed.py --model=... --l2_eps=1.5     # L2 against L-inf, same images
 
 Without --model it trains two small CNNs (cached under runs/eval_speed/): one naturally, one with FGSM
 adversarial training from a random start (Wong et al. 2020, eps 0.1) so that many examples survive the
@@ -21,6 +22,8 @@ from absl import app, flags
 
 flags.DEFINE_string("model", None, "Evaluate this model instead of training the two small CNNs.")
 flags.DEFINE_float("eps", 0.1, "L-inf radius.")
+flags.DEFINE_float("l2_eps", None, "Also run the ensemble under L2 at this radius on the same model and images, "
+                   "in the same process, and print the L2 / L-inf time ratio (issue 21: at most 1.2).")
 flags.DEFINE_integer("num_examples", 1000, "Test images.")
 flags.DEFINE_string("attacks", "standard", "Preset or list (see rvs_tf.evaluate).")
 flags.DEFINE_integer("sweep_examples", 100, "Examples of the eps sweep.")
@@ -128,23 +131,29 @@ def main(argv):
 
     models = {"given": FLAGS.model} if FLAGS.model else {
         kind: _train(kind, os.path.join(FLAGS.work_dir, f"{kind}.keras")) for kind in FLAGS.kinds}
+    norms = [("linf", FLAGS.eps)] + ([("l2", FLAGS.l2_eps)] if FLAGS.l2_eps else [])
     for kind, model in models.items():
-        ds, _ = make_eval_dataset("fashion_mnist_idx", num_examples=FLAGS.num_examples, batch_size=250)
-        t0 = time.perf_counter()
-        report = evaluate.robustness_report(
-            model, ds, eps=FLAGS.eps, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
-            sweep_examples=FLAGS.sweep_examples, output_dir=os.path.join(FLAGS.work_dir, f"report_{kind}"),
-            dataset_name="fashion_mnist_idx", progress=False)
-        seconds = time.perf_counter() - t0
-        print(f"\n== {kind}: {FLAGS.attacks} ensemble, {report['num_examples']} images, {seconds:.0f} s "
-              f"({'within' if seconds <= 600 else 'OVER'} the 10-minute budget)")
-        print("\n".join(evaluate.format_summary(report)))
-        for row in report["attacks"]:
-            print(f"  {row['name']}: {row['examples_attacked']} images in {row['seconds']:.1f} s")
-        if report["eps_sweep"]:
-            print(f"  eps sweep ({report['eps_sweep']['num_examples']} images): "
-                  f"{report['eps_sweep']['seconds']:.1f} s")
-
+        seconds = {}
+        for norm, eps in norms:
+            ds, _ = make_eval_dataset("fashion_mnist_idx", num_examples=FLAGS.num_examples, batch_size=250)
+            t0 = time.perf_counter()
+            report = evaluate.robustness_report(
+                model, ds, eps=eps, norm=norm, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
+                sweep_examples=FLAGS.sweep_examples,
+                output_dir=os.path.join(FLAGS.work_dir, f"report_{kind}" + ("_l2" if norm == "l2" else "")),
+                dataset_name="fashion_mnist_idx", progress=False)
+            seconds[norm] = time.perf_counter() - t0
+            print(f"\n== {kind}: {FLAGS.attacks} ensemble, {norm} eps {eps:g}, {report['num_examples']} images, "
+                  f"{seconds[norm]:.0f} s ({'within' if seconds[norm] <= 600 else 'OVER'} the 10-minute budget)")
+            print("\n".join(evaluate.format_summary(report)))
+            for row in report["attacks"]:
+                print(f"  {row['name']}: {row['examples_attacked']} images in {row['seconds']:.1f} s")
+            if report["eps_sweep"]:
+                print(f"  eps sweep ({report['eps_sweep']['num_examples']} images): "
+                      f"{report['eps_sweep']['seconds']:.1f} s")
+        if len(seconds) == 2:
+            print(f"\n== {kind}: L2 / L-inf time, same process, model and images: "
+                  f"{seconds['l2'] / seconds['linf']:.2f}x ({seconds['l2']:.0f} s / {seconds['linf']:.0f} s)")
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,5 +1,5 @@
-"""Evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square, L-inf; FGSM (as FGM), PGD
-and APGD also under L2 (`norm="l2"`, see rvs_tf.threat_model).
+"""Evasion attacks in TensorFlow: FGSM, PGD, APGD-CE / APGD-T (DLR) and Square, L-inf; each also under L2
+(`norm="l2"`, see rvs_tf.threat_model; FGSM becomes FGM, Square takes its own L2 form).
 
 Every attack takes `model`, any callable mapping float32 images in [0, 1] ([B, ...]) to logits [B, K]: a
 Keras model (called with `training=False`), a SavedModel signature wrapper, or a plain function; a dict
@@ -22,6 +22,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from rvs_tf.arguments import check_int
@@ -369,16 +370,138 @@ def _square_window(u, size, height, width):
 _P_HALVING = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # a tuple: no TF op at import (MultiWorker needs that)
 
 
+def _square_fraction(i, queries, p_init):
+    """The fraction p of the image query i's square covers: p_init halved at _P_HALVING (rescaled from a
+    10k budget to `queries`)."""
+    return p_init / 2.0 ** tf.reduce_sum(tf.cast(i * 10000 // queries > _P_HALVING, tf.float32))
+
+
 def _square_side(i, queries, p_init, height, width):
-    """The side of query i's square: it covers a fraction p of the image, p_init halved at _P_HALVING
-    (rescaled from a 10k budget to `queries`)."""
-    p = p_init / 2.0 ** tf.reduce_sum(tf.cast(i * 10000 // queries > _P_HALVING, tf.float32))
+    """The side of query i's L-inf square: covering a fraction `_square_fraction` of the image."""
+    p = _square_fraction(i, queries, p_init)
     return tf.clip_by_value(tf.cast(tf.round(tf.sqrt(p * height * width)), tf.int32), 1, min(height, width) - 1)
 
 
+def _pseudo_gaussian(rows, cols):
+    """[rows, cols]: concentric squares around the centre, the one of Chebyshev radius k weighted
+    1 / (k + 1)^2, summed and scaled to unit L2 norm (Square's L2 building block)."""
+    if rows == 0:
+        return np.zeros([0, cols])
+    distance = np.maximum(np.abs(np.arange(rows) - rows // 2)[:, None], np.abs(np.arange(cols) - cols // 2)[None, :])
+    rings = max(rows // 2, cols // 2) + 1
+    tail_sums = np.cumsum([1.0 / (k + 1) ** 2 for k in range(rings)][::-1])[::-1]  # sum over k >= d
+    block = tail_sums[np.minimum(distance, rings - 1)]
+    return block / np.sqrt(np.sum(block ** 2))
+
+
+def _square_l2_block(side):
+    """Square's L2 proposal of side x side pixels: a pseudo-Gaussian bump on the top half and its negative
+    on the bottom half, unit L2 norm (the caller transposes it at random)."""
+    block = np.concatenate([_pseudo_gaussian(side // 2, side), -_pseudo_gaussian(side - side // 2, side)])
+    return block / np.sqrt(np.sum(block ** 2))
+
+
+def _square_l2_blocks(largest):
+    """[largest + 1, largest, largest]: entry s holds the side-s block, zero-padded (a lookup table, as the
+    side is a tensor inside the query loop)."""
+    table = np.zeros([largest + 1, largest, largest], np.float32)
+    for side in range(1, largest + 1):
+        table[side, :side, :side] = _square_l2_block(side)
+    return tf.constant(table)
+
+
+def _place(blocks, top, left, height, width):
+    """[n, H, W] canvases with blocks [n, S, S] placed at (top, left), zero elsewhere (blocks are
+    zero-padded beyond their side)."""
+    largest = blocks.shape[1]
+    rows = tf.range(height)[None, :] - top[:, None]
+    cols = tf.range(width)[None, :] - left[:, None]
+    inside = ((rows >= 0) & (rows < largest))[:, :, None] & ((cols >= 0) & (cols < largest))[:, None, :]
+    placed = tf.gather(blocks, tf.clip_by_value(rows, 0, largest - 1), axis=1, batch_dims=1)
+    placed = tf.gather(placed, tf.clip_by_value(cols, 0, largest - 1), axis=2, batch_dims=1)
+    return tf.where(inside, placed, 0.0)
+
+
+def _channel_norm(t):
+    """Per example and channel L2 norm over the image plane, [n, 1, 1, C]."""
+    return tf.sqrt(tf.reduce_sum(tf.square(t), axis=[1, 2], keepdims=True))
+
+
+def _square_l2_start(x, eps, seed):
+    """The L2 start: a grid of side-(H // 5) blocks, each with a random sign per channel and a random
+    orientation, rescaled to L2 norm eps (before the box clip)."""
+    n, (height, width, channels) = tf.shape(x)[0], x.shape[1:]
+    side = max(min(height, width) // 5, 1)
+    offset = (min(height, width) - 5 * side) // 2 if min(height, width) >= 5 else 0
+    tiles_h, tiles_w = (height - offset) // side, (width - offset) // side
+    block = _square_l2_block(side).astype(np.float32)
+    tiled = lambda b: tf.constant(np.tile(b, [tiles_h, tiles_w]))  # noqa: E731
+    u = _uniform(tf.stack([n, tiles_h, tiles_w, 1 + channels]), 0.0, 1.0, seed, 0)
+    grow = lambda t: tf.repeat(tf.repeat(t, side, axis=1), side, axis=2)  # noqa: E731 tile -> its pixels
+    pattern = tf.where(grow(u[..., :1]) < 0.5, tiled(block)[None, :, :, None], tiled(block.T)[None, :, :, None])
+    delta = pattern * grow(tf.where(u[..., 1:] < 0.5, -1.0, 1.0))
+    delta = tf.pad(delta, [[0, 0], [offset, height - offset - tiles_h * side],
+                           [offset, width - offset - tiles_w * side], [0, 0]])
+    return eps * delta / tf.maximum(ThreatModel.of("l2", 1.0).size(delta), 1e-12)
+
+
+def _square_l2(model, x, y, eps, queries, p_init, seed):
+    """Square's L2 form (Andriushchenko et al. 2020, section 3.2; AutoAttack's L2 Square). Each query picks
+    two windows of an odd side s (s^2 ~ p * H * W, p on the L-inf schedule): the perturbation's mass in
+    both moves into the first, as the old window's direction plus a new pseudo-Gaussian block with a random
+    sign per channel, topped up with the unspent budget; the second is zeroed; the whole perturbation is
+    rescaled to L2 norm eps, then clipped to [0, 1]. Kept when the margin falls."""
+    _, height, width, channels = x.shape
+    eps = tf.cast(eps, tf.float32)
+    size = ThreatModel.of("l2", eps).size
+    largest = min(height, width) - (1 - min(height, width) % 2)  # the largest odd side that fits
+    blocks = _square_l2_blocks(largest)
+    x_best = tf.clip_by_value(x + _square_l2_start(x, eps, seed), 0.0, 1.0)
+    logits = model_logits(model, x_best)
+    m_best = -margin_loss(logits, y)
+    tol = -_clear_margin(logits)
+
+    def body(i, x_best, m_best):
+        idx = tf.where(m_best > tol)[:, 0]
+        n = tf.shape(idx)[0]
+        xs, xb, ys = tf.gather(x, idx), tf.gather(x_best, idx), tf.gather(y, idx)
+        fraction = _square_fraction(i, queries, p_init)
+        side = tf.maximum(tf.cast(tf.round(tf.sqrt(fraction * height * width)), tf.int32), 3)
+        side = tf.minimum(side + 1 - side % 2, largest)
+        u = _uniform(tf.stack([n, 5 + channels]), 0.0, 1.0, seed, i)
+        top1, left1, top2, left2 = (tf.cast(u[:, k] * tf.cast(extent - side + 1, tf.float32), tf.int32)
+                                    for k, extent in enumerate((height, width, height, width)))
+        first = _square_window(u[:, 0:2], side, height, width)
+        both = first | _square_window(u[:, 2:4], side, height, width)
+        block = tf.gather(blocks, tf.fill([n], side))
+        block = tf.where(u[:, 4, None, None] < 0.5, block, tf.transpose(block, [0, 2, 1]))
+        proposal = _place(block, top1, left1, height, width)[..., None] * tf.where(
+            u[:, None, None, 5:] < 0.5, -1.0, 1.0)
+        delta = xb - xs
+        old = tf.where(first, delta, 0.0)
+        proposal += old / (1e-12 + _channel_norm(old))
+        spare = tf.maximum(tf.square(eps) - tf.square(size(delta)), 0.0) / channels
+        proposal *= tf.sqrt(spare + tf.square(_channel_norm(tf.where(both, delta, 0.0)))) / (
+            1e-12 + _channel_norm(proposal))
+        delta = tf.where(first, proposal, tf.where(both, 0.0, delta))
+        x_new = tf.clip_by_value(xs + eps * delta / (1e-12 + size(delta)), 0.0, 1.0)
+        m_new = -margin_loss(model_logits(model, x_new), ys)
+        better = m_new < tf.gather(m_best, idx)
+        x_best = tf.tensor_scatter_nd_update(x_best, idx[:, None],
+                                             tf.where(better[:, None, None, None], x_new, xb))
+        m_best = tf.tensor_scatter_nd_update(m_best, idx[:, None],
+                                             tf.where(better, m_new, tf.gather(m_best, idx)))
+        return i + 1, x_best, m_best
+
+    _, x_best, _ = tf.while_loop(lambda i, _, m: (i < queries) & tf.reduce_any(m > tol), body,
+                                 (tf.constant(1), x_best, m_best))
+    return x_best
+
+
 @_graph_ready
-def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
-    """Square attack (Andriushchenko et al. 2020), L-inf, untargeted, gradient-free.
+def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None, norm="linf"):
+    """Square attack (Andriushchenko et al. 2020), untargeted, gradient-free; L-inf, or its own L2 form
+    under `norm="l2"` (see `_square_l2`).
 
     Starts from random vertical stripes of +-eps, then proposes a random square window set to +-eps (one
     sign per channel), kept if it lowers the margin z_y - max_{j!=y} z_j. The window covers a fraction p of
@@ -396,6 +519,10 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None):
     _, height, width, channels = x.shape
     if min(height, width) < 2:
         raise ValueError(f"x: expected images of at least 2x2 pixels for square, got shape {x.shape}")
+    if ThreatModel.of(norm, eps).norm == "l2":
+        if min(height, width) < 3:
+            raise ValueError(f"x: expected images of at least 3x3 pixels for square under L2, got shape {x.shape}")
+        return _square_l2(model, x, y, eps, queries, p_init, seed)
     lo, hi = ball(x, eps)
     eps = tf.cast(eps, tf.float32)
 

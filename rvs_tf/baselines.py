@@ -13,6 +13,10 @@ under PGD, label smoothing, weight decay, eps warm-up, saving), so that only the
   FGSMPGIModel  FGSM-PGI (Jia et al. 2022), its batch-prior form: one signed step from the previous batch's
                 perturbation, plus a logit-pairing term between the start and the adversarial example.
 
+Every method but FGSM-PGI also trains under L2 (`norm="l2"`): signed steps become steps along the L2-normalised
+gradient, uniform noise becomes a uniform point of the L2 ball (N-FGSM: of radius k eps), projections are
+onto the L2 ball and [0, 1] (see rvs_tf.threat_model).
+
 The training attacks run on the classifier in inference mode (BatchNorm on its moving statistics), so
 crafting an example never moves those statistics; the training loss runs in training mode. TRADES's
 reference code does the same; Wong et al. and Madry et al. craft their examples in training mode (batch
@@ -25,6 +29,7 @@ import tensorflow as tf
 
 from rvs_tf.arguments import check
 from rvs_tf.attacks import ball
+from rvs_tf.threat_model import ThreatModel
 from rvs_tf.training import RobustModel
 
 
@@ -36,16 +41,17 @@ def input_gradient(loss_fn, images):
     return tape.gradient(loss, images)
 
 
-def signed_ascent(loss_fn, x, start, eps, steps, step_size):
-    """`steps` signed-gradient ascent steps on sum(loss_fn(x')) from `start`, each projected onto the
-    eps-ball around x and [0, 1]; returns the last iterate, as the training attacks of these papers do
-    (rvs_tf.attacks.pgd, an evaluation attack, keeps the worst iterate instead)."""
-    lo, hi = ball(x, eps)
+def signed_ascent(loss_fn, x, start, eps, steps, step_size, norm="linf"):
+    """`steps` steepest-ascent steps on sum(loss_fn(x')) from `start` (L-inf: signed gradient; L2: the
+    gradient normalised to unit L2 norm), each projected onto the eps-ball around x and [0, 1]; returns
+    the last iterate, as the training attacks of these papers do (rvs_tf.attacks.pgd, an evaluation
+    attack, keeps the worst iterate instead)."""
+    threat = ThreatModel.of(norm, eps)
 
     def step(i, x_adv):
-        return i + 1, tf.clip_by_value(x_adv + step_size * tf.sign(input_gradient(loss_fn, x_adv)), lo, hi)
+        return i + 1, threat.clip(x_adv + step_size * threat.ascent(input_gradient(loss_fn, x_adv)), x)
 
-    _, x_adv = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), tf.clip_by_value(start, lo, hi)))
+    _, x_adv = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), threat.clip(start, x)))
     return x_adv
 
 
@@ -87,11 +93,12 @@ class FGSMRSModel(NaturalModel):
         return {**super().get_config(), "step_ratio": self.step_ratio}
 
     def uniform_start(self, x, eps):
-        return x + eps * tf.random.stateless_uniform(tf.shape(x), self.step_seed(0), -1.0, 1.0)
+        """x plus a point drawn uniformly from the eps-ball (of the model's norm)."""
+        return x + self.threat(eps).random(tf.shape(x), self.noise(0))
 
     def adversarial_examples(self, x, y, eps):
         return signed_ascent(self.cross_entropy_of(y), x, self.uniform_start(x, eps), eps, 1,
-                             self.step_ratio * eps)
+                             self.step_ratio * eps, self.norm)
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
@@ -111,7 +118,7 @@ class PGDATModel(FGSMRSModel):
     def adversarial_examples(self, x, y, eps):
         step_size = 2.5 * eps / self.steps if self.step_size is None else self.step_size
         return signed_ascent(self.cross_entropy_of(y), x, self.uniform_start(x, eps), eps, self.steps,
-                             step_size)
+                             step_size, self.norm)
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
@@ -131,7 +138,7 @@ class TRADESModel(PGDATModel):
         clean = tf.nn.softmax(self.inference_logits(x))
         start = x + 0.001 * tf.random.stateless_normal(tf.shape(x), seed=self.step_seed(0))
         return signed_ascent(lambda images: _kl(clean, self.inference_logits(images)), x, start, eps,
-                             self.steps, step_size)
+                             self.steps, step_size, self.norm)
 
     def train_step(self, data):
         x, y, weights = self.unpack(data)
@@ -177,7 +184,7 @@ class NFGSMModel(FGSMRSModel):
     def adversarial_examples(self, x, y, eps):
         start = tf.clip_by_value(x + self.noise_ratio * (self.uniform_start(x, eps) - x), 0.0, 1.0)
         gradient = input_gradient(self.cross_entropy_of(y), start)
-        return tf.clip_by_value(start + self.step_ratio * eps * tf.sign(gradient), 0.0, 1.0)
+        return tf.clip_by_value(start + self.step_ratio * eps * self.threat(eps).ascent(gradient), 0.0, 1.0)
 
 
 @keras.saving.register_keras_serializable(package="rvs_tf")
@@ -204,6 +211,8 @@ class FGSMPGIModel(FGSMRSModel):
     def __init__(self, classifier, *, step_ratio=1.0, pairing_weight=10.0, prior_momentum=0.3,
                  prior_capacity=512, **kwargs):
         super().__init__(classifier, step_ratio=step_ratio, **kwargs)
+        check(self.norm == "linf", f"norm: FGSM-PGI is defined in L-inf only (its prior is a sign pattern of "
+                                   f"+-eps), got {self.norm!r}; under L2 use nfgsm, fgsm_rs or pgd")
         check(float(pairing_weight) >= 0, f"pairing_weight: expected >= 0, got {pairing_weight}")
         check(0.0 <= float(prior_momentum) < 1.0,
               f"prior_momentum: expected 0 <= value < 1, got {prior_momentum}")

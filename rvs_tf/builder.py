@@ -111,7 +111,7 @@ def build_model(config, image_shape, num_classes, steps_per_epoch):
     classifier = build_classifier(config, image_shape, num_classes)
     common = dict(eps=config.eps, label_smoothing=label_smoothing(config), weight_decay=config.weight_decay,
                   eps_warmup_steps=config.eps_warmup_epochs * steps_per_epoch,
-                  eval_pgd_steps=config.eval_pgd_steps, seed=config.seed)
+                  eval_pgd_steps=config.eval_pgd_steps, seed=config.seed, norm=config.norm)
     classifier_rate = classifier_learning_rate(config, steps_per_epoch)
     if config.method in baselines.METHODS:
         model = baselines.METHODS[config.method](classifier, **common, **_baseline_options(config))

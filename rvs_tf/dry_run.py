@@ -73,7 +73,7 @@ def dry_run(config, steps=3, eval_examples=8):
         ds, _ = data.make_eval_dataset(config.dataset, split="test", batch_size=eval_examples,
                                        num_examples=eval_examples, data_dir=config.data_dir,
                                        idx_dir=config.idx_dir, validation_size=0)
-        report = evaluate.robustness_report(result.export_path, ds, eps=config.eps, attacks="pgd20",
+        report = evaluate.robustness_report(result.export_path, ds, eps=config.eps, norm=config.norm, attacks="pgd20",
                                             sweep_examples=0, progress=False, precision="float32")
         parameters = _parameters(result.export_path)
         out = DryRunResult(parameters, full_steps, config.epochs, seconds,

@@ -19,7 +19,6 @@ import keras
 import tensorflow as tf
 
 from rvs_tf.arguments import check
-from rvs_tf.attacks import ball
 from rvs_tf.baselines import input_gradient
 from rvs_tf.rvs import GeneratorGame
 
@@ -32,7 +31,10 @@ class RVSInitModel(GeneratorGame):
       classifier: a Keras model from images in [0, 1] to logits (with `feature_layer` if `ot_weight` > 0).
       generator: maps [B, H, W, 2C + noise channels] (image, sign of its input gradient, noise) to a raw
         start [B, H, W, C]; `rvs_tf.models.make_init_generator` builds one.
-      eps: L-inf budget; every training example stays inside the eps-ball and [0, 1].
+      eps: the budget in `norm`'s units (L-inf by default; under L2 the start is projected onto the L2
+        ball of radius start_ratio * eps, the noise is a uniform point of the ball of radius noise_ratio *
+        eps and the step follows the L2-normalised gradient); every training example stays inside the
+        eps-ball (with `project`) and [0, 1].
       step_ratio: alpha, the signed step from the start, in units of eps (FGSM-SDI: 1).
       start_ratio: the learned start lies within start_ratio * eps of x (default 1: inside the eps-ball).
       noise_ratio: uniform noise of up to noise_ratio * eps per pixel added to the learned start (default
@@ -99,20 +101,21 @@ class RVSInitModel(GeneratorGame):
         noise = tf.random.stateless_normal(tf.concat([tf.shape(x)[:-1], [self.noise_channels]], 0),
                                            seed=self.step_seed(stream))
         raw = tf.cast(self.generator(tf.concat([x, gradient_sign, noise], -1), training=training), tf.float32)
-        start = x + self.start_ratio * eps * tf.tanh(raw)
+        offset = self.start_ratio * eps * tf.tanh(raw)
+        start = x + (offset if self.norm == "linf" else self.threat(self.start_ratio * eps).project(offset))
         if self.noise_ratio:
-            start += self.noise_ratio * eps * tf.random.stateless_uniform(tf.shape(x), self.step_seed(stream + 8),
-                                                                         -1.0, 1.0)
+            start += self.threat(self.noise_ratio * eps).random(tf.shape(x), self.noise(stream + 8))
         return tf.clip_by_value(start, 0.0, 1.0)
 
     def step_from(self, x, y, start, eps):
-        """One signed step of alpha from the start, projected onto the eps-ball (if `project`) and [0, 1].
-        The gradient passes through the start only (the sign is piecewise constant)."""
-        direction = tf.stop_gradient(tf.sign(input_gradient(self.cross_entropy_of(y), tf.stop_gradient(start))))
+        """One steepest-ascent step (L-inf: signed) of alpha from the start, projected onto the eps-ball (if
+        `project`) and [0, 1]. The gradient passes through the start only (the direction is held fixed)."""
+        threat = self.threat(eps)
+        gradient = input_gradient(self.cross_entropy_of(y), tf.stop_gradient(start))
+        direction = tf.stop_gradient(threat.ascent(gradient))
         if not self.project:
             return tf.clip_by_value(start + self.step_ratio * eps * direction, 0.0, 1.0)
-        lo, hi = ball(x, eps)
-        return tf.clip_by_value(start + self.step_ratio * eps * direction, lo, hi)
+        return threat.clip(start + self.step_ratio * eps * direction, x)
 
     def adversarial_examples(self, x, y, eps):
         """The examples the classifier trains on (for summaries and diagnostics)."""

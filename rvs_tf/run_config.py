@@ -6,12 +6,15 @@ resumes only with the same values (`changes_from`), since resuming with others w
 The rest (where data and outputs go, the epoch count, the strategy, XLA) may change between reruns.
 """
 import dataclasses
+import math
 import os
+import warnings
 from typing import Optional, Tuple, Union
 
 from rvs_tf import data, distribute, models, precision, rvs, sinkhorn
 from rvs_tf.builder import METHODS, OPTIMIZERS
 from rvs_tf.export import DEFAULT_EXPORT_DIR, NAME_PATTERN, SERVING_PRECISIONS
+from rvs_tf.threat_model import NORMS, ThreatModelWarning, eps_warning
 
 RUNS_DIR = "runs"  # the default workdir is <RUNS_DIR>/<run name>
 RUN_NAME = "{dataset}_{method}"  # the default run name
@@ -52,6 +55,9 @@ def parse_drop_epochs(values):
     return epochs
 
 
+# eps: (exclusive lowest, highest) per norm. An L2 radius is bounded by the image's diameter, which the
+# classifier checks once the image shape is known (RobustModel).
+EPS_BOUNDS = {"linf": (0.0, 1.0), "l2": (0.0, math.inf)}
 BOUNDS = {  # field: (lowest, highest) value accepted, None for no bound (the flags take theirs from here)
     "validation_size": (1, None),
     "pad": (0, None),
@@ -131,6 +137,7 @@ class RunConfig:
     collapse_guard_window: int = _setting(50)
     # RVS.
     eps: float = 0.1
+    norm: str = "linf"
     bound: str = "clip"
     random_start: bool = True
     label_smoothing: Optional[float] = None
@@ -181,6 +188,12 @@ class RunConfig:
                 expected = (f"a number in [{low}, {high}]" if low is not None and high is not None else
                             f"a number >= {low}" if low is not None else f"a number <= {high}")
                 raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        low, high = EPS_BOUNDS[self.norm]
+        if not (isinstance(self.eps, (int, float)) and low < self.eps <= high):
+            raise ValueError(f"eps: expected a number in (0, {high:g}] for norm {self.norm} on images in [0, 1], got "
+                             f"{self.eps!r}" + (" (an L2 radius? pass --norm=l2)" if self.norm == "linf" else ""))
+        if eps_warning(self.norm, self.eps):
+            warnings.warn(eps_warning(self.norm, self.eps), ThreatModelWarning, stacklevel=3)
         if (self.wrn_depth - 4) % 6:
             raise ValueError(f"wrn_depth: expected 6n + 4 with n >= 1 (e.g. 16, 28, 34), got {self.wrn_depth}")
         if self.name is not None and not NAME_PATTERN.match(self.name):
@@ -230,4 +243,4 @@ _CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "arch": models.ARCHITECTUR
             "rvs_update": rvs.RVS_UPDATES, "feature_distance": rvs.FEATURE_DISTANCES,
             "ot_units": rvs.OT_UNITS, "optimizer": OPTIMIZERS,
             "generator_optimizer": OPTIMIZERS, "strategy": distribute.STRATEGIES,
-            "precision": precision.PRECISIONS, "serving_precision": SERVING_PRECISIONS}
+            "precision": precision.PRECISIONS, "serving_precision": SERVING_PRECISIONS, "norm": NORMS}

@@ -139,9 +139,10 @@ def restore(run):
 
 def _announce(run):
     config, info = run.config, run.info
+    norm = {"linf": "L-inf", "l2": "L2"}[config.norm]
     print(f"Training {config.method} on {info.name} ({info.num_train} train / {info.num_validation} "
-          f"validation), {config.arch}, eps={config.eps:.4g}; {MONITOR} = PGD-{config.eval_pgd_steps} (CE, "
-          f"random start, 1 restart, eps={config.eps:.4g}) on the validation split")
+          f"validation), {config.arch}, {norm} eps={config.eps:.4g}; {MONITOR} = PGD-{config.eval_pgd_steps} (CE, "
+          f"random start, 1 restart, eps={config.eps:.4g}, {norm}) on the validation split")
     if config.method not in LABEL_SMOOTHING and config.label_smoothing:
         print(f"Note: --label_smoothing={config.label_smoothing:g} with --method={config.method}; its paper "
               "trains without (--label_smoothing=0), and smoothing can mask gradients")
@@ -199,7 +200,8 @@ def _metadata(run, best_epoch, minutes, test_clean):
     config, info = run.config, run.info
     return {
         "dataset": info.name, "image_shape": list(info.image_shape), "num_classes": info.num_classes,
-        "class_names": list(info.class_names), "eps": config.eps, "method": config.method, "arch": config.arch,
+        "class_names": list(info.class_names), "eps": config.eps, "norm": config.norm, "method": config.method,
+        "arch": config.arch,
         "strategy": config.strategy, "precision": keras.config.dtype_policy().name, "flags": config.record(), "best_epoch": best_epoch,
         "train_minutes": round(minutes, 2),
         "metrics": {"test_clean_accuracy": test_clean,

@@ -265,17 +265,18 @@ class RVSModel(GeneratorGame):
 
     # -- the RVS step ---------------------------------------------------------------------------------
     def synthesize(self, x, eps, stream):
-        """x_adv = clip01(proj_eps(clip01(x + U(-eps, eps)) + bound(G(z)))) and delta = x_adv - x."""
+        """x_adv = clip01(proj_eps(clip01(x + U(ball)) + bound(G(z)))): under L-inf bound(G) is eps * tanh(G)
+        or G clipped to +-eps; under L2 the same, then projected onto the L2 ball."""
+        threat = self.threat(eps)
         z = tf.random.stateless_normal([tf.shape(x)[0], self.noise_dim], seed=self.step_seed(stream))
         raw = tf.cast(self.generator(z, training=True), tf.float32)
         delta = eps * tf.tanh(raw) if self.bound == "tanh" else tf.clip_by_value(raw, -eps, eps)
+        if threat.norm != "linf":
+            delta = threat.project(delta)
         start = x
         if self.random_start:
-            noise = tf.random.stateless_uniform(tf.shape(x), seed=self.step_seed(stream + 1),
-                                                minval=-1.0, maxval=1.0)
-            start = tf.clip_by_value(x + eps * noise, 0.0, 1.0)
-        x_adv = tf.clip_by_value(tf.clip_by_value(start + delta, x - eps, x + eps), 0.0, 1.0)
-        return x_adv
+            start = tf.clip_by_value(x + threat.random(tf.shape(x), self.noise(stream + 1)), 0.0, 1.0)
+        return threat.clip(start + delta, x)
 
     def adversarial_examples(self, x, y, eps):
         """A synthesised batch, as the classifier step sees it (for summaries and diagnostics)."""

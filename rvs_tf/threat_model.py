@@ -25,6 +25,10 @@ PLAUSIBLE_EPS = {"linf": (0.0, 0.5), "l2": (0.05, math.inf)}
 _TINY = 1e-12
 
 
+class ThreatModelWarning(UserWarning):
+    """A radius that reads like the other norm's (the command lines print it as one line)."""
+
+
 def parse_norm(norm):
     """The canonical name of `norm` ("linf" or "l2"; "Linf", "inf", "L2" are accepted)."""
     text = str(norm).strip().lower()

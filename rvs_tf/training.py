@@ -5,6 +5,7 @@ Every method is a `keras.Model` that wraps a user's classifier (images in [0, 1]
 classifier's logits, and the datasets are plain `(images, labels)` pairs with integer labels. The methods:
 `rvs_tf.rvs.RVSModel` (re-exported here), `rvs_tf.baselines`, `rvs_tf.learned_init.RVSInitModel`.
 """
+import math
 import os
 
 import keras
@@ -12,6 +13,7 @@ import tensorflow as tf
 
 from rvs_tf import attacks, guards
 from rvs_tf.arguments import check
+from rvs_tf.threat_model import ThreatModel, parse_norm
 from rvs_tf.guards import FeatureCollapseError, NonFiniteError, NonFiniteGuard  # noqa: F401  (API)
 
 
@@ -52,17 +54,22 @@ class RobustModel(keras.Model):
     Subclasses implement `train_step` and list their extra trackers. `test_step` reports clean accuracy
     and accuracy under a short PGD (`eval_pgd_steps` steps, cross-entropy, random start, step 2.5 eps/steps):
     a validation signal for choosing checkpoints, never a robustness claim (use `rvs_tf.evaluate`).
+    `norm` ("linf" or "l2") is the threat model of training and validation; eps is in its units.
     """
 
     def __init__(self, classifier, *, eps, label_smoothing=0.0, weight_decay=0.0, eps_warmup_steps=0,
-                 eval_pgd_steps=10, seed=0, **kwargs):
+                 eval_pgd_steps=10, seed=0, norm="linf", **kwargs):
         super().__init__(**kwargs)
         check(isinstance(classifier, keras.Model),
               f"classifier: expected a keras.Model, got {type(classifier).__name__}")
         check(hasattr(classifier, "output_shape"),
               "classifier: expected a functional or Sequential Keras model (its input and output shapes "
               "must be known); wrap a subclassed model in keras.Model(inputs, outputs)")
-        check(0.0 < float(eps) <= 1.0, f"eps: expected 0 < eps <= 1 for images in [0, 1], got {eps}")
+        self.norm = parse_norm(norm)
+        largest = 1.0 if self.norm == "linf" else math.sqrt(math.prod(classifier.input_shape[1:]))
+        check(0.0 < float(eps) <= largest, f"eps: expected 0 < eps <= {largest:.4g} ({self.norm} radius for images "
+                                           f"in [0, 1] of shape {tuple(classifier.input_shape[1:])}), got {eps}"
+                                           + (" (an L2 radius? pass norm='l2')" if self.norm == "linf" else ""))
         check(0.0 <= float(label_smoothing) < 1.0,
               f"label_smoothing: expected 0 <= value < 1, got {label_smoothing}")
         check(float(weight_decay) >= 0.0, f"weight_decay: expected >= 0, got {weight_decay}")
@@ -162,7 +169,7 @@ class RobustModel(keras.Model):
         return {
             "classifier": keras.saving.serialize_keras_object(self.classifier),
             "eps": self.eps, "label_smoothing": self.label_smoothing, "weight_decay": self.weight_decay,
-            "eps_warmup_steps": self.eps_warmup_steps, "eval_pgd_steps": self.eval_pgd_steps,
+            "eps_warmup_steps": self.eps_warmup_steps, "eval_pgd_steps": self.eval_pgd_steps, "norm": self.norm,
             "seed": self.seed, "name": self.name,
         }
 
@@ -209,6 +216,20 @@ class RobustModel(keras.Model):
         (the step counter is the optimizer's), and differs between replicas."""
         step = tf.cast(self.optimizer.iterations, tf.int32)
         return tf.stack([self.seed * 1_000_003 + _replica_id(), step * 16 + stream])
+
+    def threat(self, eps):
+        """The threat model of training and validation at radius `eps` (see rvs_tf.threat_model)."""
+        return ThreatModel.of(self.norm, eps)
+
+    def noise(self, stream):
+        """The uniform draws `ThreatModel.random` takes, stateless from `step_seed(stream)`: salt 0 draws
+        with that seed itself (what the L-inf methods always drew), other salts with a fold-in of it."""
+        seed = self.step_seed(stream)
+
+        def draw(shape, low, high, salt):
+            key = seed if salt == 0 else tf.random.experimental.stateless_fold_in(seed, salt)
+            return tf.random.stateless_uniform(shape, key, low, high)
+        return draw
 
     def logits(self, x, training):
         return tf.cast(self.classifier(x, training=training), tf.float32)
@@ -276,8 +297,9 @@ class RobustModel(keras.Model):
         x, y, weights = self.unpack(data)
         clean_logits = self.logits(x, training=False)
         inference = lambda images: self.logits(images, training=False)  # noqa: E731
-        x_pgd = attacks.pgd(inference, x, y, eps=self.eps, steps=self.eval_pgd_steps, seed=self.step_seed(15))
-        x_fgsm = attacks.fgsm(inference, x, y, eps=self.eps)
+        x_pgd = attacks.pgd(inference, x, y, eps=self.eps, steps=self.eval_pgd_steps, seed=self.step_seed(15),
+                            norm=self.norm)
+        x_fgsm = attacks.fgsm(inference, x, y, eps=self.eps, norm=self.norm)
         self.loss_tracker.update_state(self.cross_entropy(self.targets(y), clean_logits, weights))
         self.accuracy_tracker.update_state(y, clean_logits, sample_weight=weights)
         self.pgd_accuracy_tracker.update_state(y, self.logits(x_pgd, training=False), sample_weight=weights)

@@ -81,6 +81,7 @@ def test_export_layout_and_metadata(trained):
     assert (version / "saved_model.pb").is_file()
     metadata = export.read_metadata(str(version))
     assert metadata["dataset"] == "fashion_mnist_idx" and metadata["eps"] == pytest.approx(0.1)
+    assert metadata["norm"] == "linf"
     assert metadata["class_names"][0] == "T-shirt/top" and metadata["image_shape"] == [28, 28, 1]
     assert "test_clean_accuracy" in metadata["metrics"]
     assert (tmp / "run" / "best_classifier.keras").is_file()
@@ -111,7 +112,9 @@ def test_rvs_export_writes_the_next_version(trained):
 
 @pytest.mark.parametrize("extra, expected", [
     (["--dataset=imagenet"], "--dataset"),
-    (["--eps=1.5"], "eps"),
+    (["--eps=1.5"], "eps: expected a number in (0, 1] for norm linf"),
+    (["--norm=l3"], "--norm"),
+    (["--norm=l2", "--eps=1.5"], "--workdir"),  # an L-inf run is never resumed as an L2 one
     (["--eps=-0.1"], "eps"),
     (["--ot_cost_scale=huge"], "--ot_cost_scale"),
     (["--lr_drop_epochs=ten"], "--lr_drop_epochs"),

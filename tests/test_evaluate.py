@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
+from absl import app, flags
 from scipy import stats
 
 from rvs_tf import evaluate
@@ -146,9 +146,27 @@ def test_savedmodel_and_cli(natural, tmp_path, capsys):
     report = json.loads((tmp_path / "tiny" / "eval_2" / "report.json").read_text())
     assert report["num_examples"] == 40 and report["dataset"] == "fashion_mnist_idx"
 
+    base = ["rvs-evaluate", f"--model={tmp_path / 'tiny'}", "--attacks=pgd20", "--num_examples=20",
+            "--sweep_examples=0", "--batch_size=20", "--noprogress", "--norm=L2"]
+    try:  # the metadata's eps is an L-inf radius: under L2 the user must give one
+        cli.FLAGS(base)
+        with pytest.raises(app.UsageError, match="--eps: expected a l2 radius, got none .*a linf radius only"):
+            cli.main(["rvs-evaluate"])
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS([*base, "--eps=1"])
+        cli.main(["rvs-evaluate"])
+    finally:
+        cli.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert "20 examples, L2 eps=1" in out and "eps=1, L2)" in out
+    report = json.loads((tmp_path / "tiny" / "eval_2_l2" / "report.json").read_text())  # beside the L-inf one
+    assert report["norm"] == "L2" and report["eps"] == 1.0
+
 
 @pytest.mark.parametrize("argv, flag", [(["--eps=2"], "--eps"), (["--attacks=bogus"], "--attacks"),
-                                        (["--num_examples=0"], "--num_examples")])
+                                        (["--num_examples=0"], "--num_examples"),
+                                        (["--norm=l3"], r"--norm=l3: value should be one of <linf\|l2>"),
+                                        (["--norm=linf", "--eps=1.5"], r"--eps.*an L2 radius\? pass --norm=l2")])
 def test_cli_validators_name_the_flag(tmp_path, argv, flag):
     from rvs_tf.cli import evaluate as cli
 
@@ -227,6 +245,8 @@ def test_a_new_attack_kind_runs_without_changes_elsewhere():
     assert checks["white_box_at_least_as_strong_as_gradient_free"] is not None
     with pytest.raises(ValueError, match="fn: expected an attack of rvs_tf.attacks"):
         attack_spec("CW", "cw")
+    with pytest.raises(ValueError, match="attacks: Corner cannot run under norm l2"):  # its kind names L-inf only
+        evaluate.robustness_report(model, (x, y), eps=0.5, norm="l2", attacks=[spec], progress=False)
 
 
 def test_models_of_one_architecture_share_traces_and_keep_their_own_results():
@@ -342,3 +362,33 @@ def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
     assert old["precision"]["search"] == "float32" and "search_bfloat16" in old["precision"]["note"]
     with pytest.raises(ValueError, match="precision: attacks search in float32 or mixed_bfloat16"):
         evaluate.robustness_report(model, (x, y), precision="mixed_float16", **kwargs)
+
+
+def test_l2_reports_name_the_norm_everywhere_and_keep_their_own_state(natural, tmp_path):
+    """The ensemble, the sweep and the checks in L2 units: the sweep reaches 0.5 * sqrt(784) = 14, where
+    every image can reach the same grey image; an L-inf state is never resumed as an L2 one."""
+    from rvs_tf.threat_model import ThreatModelWarning
+
+    model, x, y = natural
+    report = evaluate.robustness_report(model, (x[:60], y[:60]), eps=1.5, norm="l2", attacks=FAST,
+                                        batch_size=60, sweep_examples=20, output_dir=str(tmp_path / "l2"),
+                                        progress=False)
+    assert report["norm"] == "L2" and report["eps_sweep"]["eps"] == [0.0, 0.75, 1.5, 3.0, 14.0]
+    assert all(r["description"].endswith(", eps=1.5, L2)") for r in report["attacks"])
+    assert all(text.endswith(", L2)") for text in report["eps_sweep"]["attacks"].values())
+    assert [c["passed"] for c in report["sanity_checks"]] == [True] * 4, report["sanity_checks"]
+    assert "at eps 14 every image can reach the same grey image" in report["sanity_checks"][1]["detail"]
+    rows = {r["name"]: r for r in report["attacks"]}
+    assert report["worst_case"]["accuracy"] <= rows["PGD-20"]["accuracy"] <= report["clean"]["accuracy"] - 0.1
+    assert "60 examples, L2 eps = 1.5" in (tmp_path / "l2" / "report.md").read_text()
+
+    small = dict(attacks="pgd20", sweep_examples=0, progress=False, state_dir=str(tmp_path / "state"))
+    evaluate.robustness_report(model, (x[:20], y[:20]), eps=0.1, **small)
+    with pytest.raises(ValueError, match="norm: 'linf' in the state, 'l2' now"):
+        evaluate.robustness_report(model, (x[:20], y[:20]), eps=0.1, norm="l2", **small)
+    with pytest.warns(ThreatModelWarning, match="eps=0.03 is unusual for norm l2 .*reads like a linf radius"):
+        evaluate.robustness_report(model, (x[:20], y[:20]), eps=0.03, norm="l2", **{**small, "restart": True})
+    with pytest.raises(ValueError, match=r"eps: expected a number in \[0, 1\].*pass norm='l2'"):
+        evaluate.robustness_report(model, (x[:20], y[:20]), eps=1.5, attacks="pgd20")
+    with pytest.raises(ValueError, match=r"eps: expected at most 28 for l2"):
+        evaluate.robustness_report(model, (x[:20], y[:20]), eps=30.0, norm="l2", attacks="pgd20")

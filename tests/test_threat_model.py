@@ -112,7 +112,8 @@ def test_l2_attacks_never_leave_the_ball_or_the_box_on_random_batches():
         x = rng.choice([0.0, 0.01, 0.5, 0.99, 1.0], (32, 8, 8, 1)).astype("float32")
         y = rng.integers(0, 5, 32)
         for x_adv in (attacks.pgd(model, x, y, eps=eps, steps=5, restarts=2, seed=1, norm="l2"),
-                      attacks.fgsm(model, x, y, eps=eps, norm="l2")):
+                      attacks.fgsm(model, x, y, eps=eps, norm="l2"),
+                      attacks.square(model, x, y, eps=eps, queries=30, seed=1, norm="l2")):
             x_adv = x_adv.numpy()
             assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
             assert l2(x_adv - x).max() <= eps * (1 + 1e-5)
@@ -170,3 +171,25 @@ def test_apgd_l2_breaks_exactly_what_the_closed_form_says_and_stays_feasible():
                                  targeted=targeted, num_targets=2, seed=2, norm="l2").numpy()
             assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0 and l2(x_adv - x).max() <= eps * (1 + 1e-5)
 
+
+
+def test_square_l2_breaks_what_is_close_and_nothing_out_of_reach():
+    """Square's L2 random search on a linear binary model of 28x28 images: within 500 queries it breaks
+    every example whose margin is under 0.2 of the most the ball can remove (eps * ||w||), never one whose
+    margin is above it (none can be), and every point it returns is in the ball and the box."""
+    rng = np.random.default_rng(8)
+    weights = rng.normal(0, 0.3, (784, 2)).astype("float32")
+    w = weights[:, 0] - weights[:, 1]
+    margin = lambda images: np.asarray(images).reshape(len(images), -1) @ w  # noqa: E731
+    reachable = 0.5 * np.linalg.norm(w)
+    x = rng.uniform(0.3, 0.7, (24, 784))  # moved along w to margins from -0.1 to 1.5 times `reachable`
+    x = (x + np.outer(np.linspace(-0.1, 1.5, 24) * reachable - x @ w, w / (w @ w))).reshape(24, 28, 28, 1)
+    x = x.astype("float32")
+    x_adv = attacks.square(linear_model(weights), x, np.zeros(24, "int64"), eps=0.5, queries=500, seed=0,
+                           norm="l2").numpy()
+    close, out_of_reach = (margin(x) > 0) & (margin(x) < 0.2 * reachable), margin(x) > reachable
+    assert close.sum() >= 2 and out_of_reach.sum() >= 5
+    assert np.all(margin(x_adv[close]) < 0) and np.all(margin(x_adv[out_of_reach]) > 0)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0 and l2(x_adv - x).max() <= 0.5 * (1 + 1e-5)
+    linf = attacks.square(linear_model(weights), x, np.zeros(24, "int64"), eps=0.05, queries=20, seed=0).numpy()
+    assert np.abs(linf - x).max() <= 0.05 + 1e-6 and l2(linf - x).max() > 0.5  # L-inf by default

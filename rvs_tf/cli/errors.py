@@ -10,6 +10,9 @@ import warnings
 from absl import app, logging
 
 from rvs_tf.checkpoints import CheckpointWarning
+from rvs_tf.threat_model import ThreatModelWarning
+
+ONE_LINE_WARNINGS = (CheckpointWarning, ThreatModelWarning)
 
 # What the library raises for bad input, unusable files, write failures and runs that stop (CheckpointError,
 # LockedError, RunError and TrainingHalted are RuntimeErrors). Anything else is a bug: it keeps its traceback.
@@ -24,14 +27,15 @@ def fail(command, message):
 
 @contextlib.contextmanager
 def reported(command):
-    """Run the block with `ERRORS` shown as `fail` shows them, and CheckpointWarnings as one line
+    """Run the block with `ERRORS` shown as `fail` shows them, and `ONE_LINE_WARNINGS` as one line
     `<command>: warning: <message>` each, when they happen (other warnings as Python shows them)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("always", CheckpointWarning)
+        for category in ONE_LINE_WARNINGS:
+            warnings.simplefilter("always", category)
         show = warnings.showwarning
 
         def one_line(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, CheckpointWarning):
+            if issubclass(category, ONE_LINE_WARNINGS):
                 print(f"{command}: warning: {message}", file=sys.stderr)
             else:
                 show(message, category, filename, lineno, file, line)

@@ -18,6 +18,7 @@ from rvs_tf.export import NAME_PATTERN, SERVING_PRECISIONS
 from rvs_tf.run_config import (AUGMENTS, BOUNDS, DATASETS, RUN_NAME, RUNS_DIR, RunConfig, parse_cost_scale,
                                parse_drop_epochs)
 from rvs_tf.runs import train_and_export
+from rvs_tf.threat_model import NORMS
 
 FLAGS = flags.FLAGS
 D = RunConfig()  # the defaults of every flag
@@ -92,8 +93,11 @@ flags.DEFINE_integer("collapse_guard_window", D.collapse_guard_window, "Steps pe
                      "stops RVS when its classifier collapses or stalls near chance (rvs_tf.guards."
                      "FeatureCollapseGuard); 0 turns it off.", **_bounds("collapse_guard_window"))
 # RVS.
-DEFINE_fraction("eps", D.eps, "L-inf budget for images in [0, 1]; fractions like 8/255 are accepted.",
-                lower=0.0, upper=1.0)
+DEFINE_fraction("eps", D.eps, "Budget in --norm's units for images in [0, 1] (L-inf: at most 1); fractions "
+                "like 8/255 are accepted.", lower=0.0)
+flags.DEFINE_enum("norm", D.norm, NORMS, "Threat model of training and validation: linf, or l2 (every method "
+                  "but fgsm_pgi: normalised-gradient steps, noise from the L2 ball; RVS's perturbation projected "
+                  "onto the ball).", case_sensitive=False)
 flags.DEFINE_enum("bound", D.bound, rvs.BOUNDS, "How G(z) is bounded by eps.")
 flags.DEFINE_bool("random_start", D.random_start, "Uniform random start before adding G(z).")
 flags.DEFINE_float("label_smoothing", D.label_smoothing, "Mass moved from the true class to the others "

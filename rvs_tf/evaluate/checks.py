@@ -1,11 +1,25 @@
 """The sanity checks of Carlini et al. 2019 / Croce & Hein 2020 that catch a weak or fooled evaluation:
 one function per check, each returning a named `Check` (passed is None when it could not run)."""
 import dataclasses
+import math
 
 import numpy as np
 
-LARGE_EPS = 0.5   # at eps 0.5 every image can be moved to the same grey image: accuracy must be ~0
-NEAR_ZERO = 0.05  # the worst-case accuracy allowed at LARGE_EPS for the sanity check to pass
+from rvs_tf.threat_model import parse_norm
+
+LARGE_EPS = 0.5   # L-inf: at eps 0.5 every image can be moved to the same grey image: accuracy must be ~0
+NEAR_ZERO = 0.05  # the worst-case accuracy allowed at the large eps for the sanity check to pass
+
+
+def large_eps(norm, image_shape):
+    """The radius at which every image of this shape can be moved to the same grey image (0.5 everywhere),
+    so every model must fail: 0.5 in L-inf, 0.5 * sqrt(d) in L2."""
+    return LARGE_EPS if parse_norm(norm) == "linf" else LARGE_EPS * math.sqrt(math.prod(image_shape))
+
+
+def max_eps(norm, image_shape):
+    """The largest radius that means anything: the diameter of [0, 1]^d (1 in L-inf, sqrt(d) in L2)."""
+    return 1.0 if parse_norm(norm) == "linf" else math.sqrt(math.prod(image_shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +72,13 @@ def near_zero_at_large_eps(ev):
     name = "near_zero_at_large_eps"
     if not ev.sweep:
         return Check(name, None, "skipped: no eps sweep")
-    big = max(ev.sweep["eps"])
-    if big < LARGE_EPS:
-        return Check(name, None, f"skipped: largest sweep eps {big} < {LARGE_EPS}")
+    big, large = max(ev.sweep["eps"]), ev.sweep.get("large_eps", LARGE_EPS)
+    if big < large * (1 - 1e-9):
+        return Check(name, None, f"skipped: largest sweep eps {big:.4g} < {large:.4g}")
     acc = ev.sweep["worst_case"][-1]
     return Check(name, acc <= NEAR_ZERO, f"worst-case accuracy {acc:.3f} at eps {big:.4g} (pass: <= "
-                                         f"{NEAR_ZERO}; at eps 0.5 every image can reach the same grey image)")
+                                         f"{NEAR_ZERO}; at eps {large:.4g} every image can reach the same "
+                                         "grey image)")
 
 
 def iterative_at_least_as_strong_as_fgsm(ev):

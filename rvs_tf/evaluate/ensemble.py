@@ -30,7 +30,7 @@ def run_ensemble(runner, specs, x, y, eps, cascade, state=None):
         idx = np.flatnonzero(correct if alone else found.robust)
         t0 = time.perf_counter()
         progress = state.attack(position, spec.name, idx, runner.batch_size) if state is not None else None
-        x_adv, wrong = runner.attack(spec, x[idx], y[idx], eps, f"{spec.describe(eps)}: {len(idx)} images",
+        x_adv, wrong = runner.attack(spec, x[idx], y[idx], eps, f"{spec.describe(eps, runner.norm)}: {len(idx)} images",
                                      tag=spec.name, state=progress)
         seconds = progress.seconds() if progress is not None else time.perf_counter() - t0
         hit = np.zeros(n, bool)
@@ -42,15 +42,15 @@ def run_ensemble(runner, specs, x, y, eps, cascade, state=None):
                 found.x_show[i], found.shown_by[i] = x_adv[j], spec.name
         found.robust &= ~hit
         accuracy = rate(int(np.sum(correct & ~hit)) if alone else int(found.robust.sum()), n)
-        found.rows.append(_row(spec, eps, alone, accuracy, len(idx), int(newly.sum()), seconds))
+        found.rows.append(_row(spec, eps, runner.norm, alone, accuracy, len(idx), int(newly.sum()), seconds))
         found.rows[-1]["batches_resumed"] = progress.restored if progress is not None else 0
         found.rows[-1]["seconds_in_earlier_runs"] = progress.earlier_seconds if progress is not None else 0.0
     return found
 
 
-def _row(spec, eps, alone, accuracy, attacked, newly_broken, seconds):
+def _row(spec, eps, norm, alone, accuracy, attacked, newly_broken, seconds):
     """The report's row of one attack."""
-    return {"name": spec.name, "description": spec.describe(eps), "function": spec.fn,
+    return {"name": spec.name, "description": spec.describe(eps, norm), "function": spec.fn,
             "params": dict(spec.params), "white_box": spec.white_box,
             "evaluated_on": ("every correctly classified example" if alone else
                              "the examples no attack above broke"),
@@ -60,18 +60,19 @@ def _row(spec, eps, alone, accuracy, attacked, newly_broken, seconds):
             "seconds": seconds, "images_per_second": attacked / seconds if seconds > 0 else None}
 
 
-def sweep_radii(eps, sweep_eps, large_eps):
+def sweep_radii(eps, sweep_eps, large_eps, max_eps=1.0):
     """The radii of the sweep: `sweep_eps`, or by default eps/2, eps, 2*eps and `large_eps` (where every
-    model must fail), or eps/4, eps/2, eps when eps is that large already."""
+    model must fail), or eps/4, eps/2, eps when eps is that large already. `max_eps`: the largest radius
+    that means anything (the diameter of [0, 1]^d in the norm)."""
     if sweep_eps is None:
         sweep_eps = [eps / 2, eps, 2 * eps, large_eps] if eps < large_eps else [eps / 4, eps / 2, eps]
     sweep_eps = sorted({float(e) for e in sweep_eps if e > 0})
-    if any(e > 1.0 for e in sweep_eps):
-        raise ValueError(f"sweep_eps: expected radii in (0, 1], got {sweep_eps}")
+    if any(e > max_eps for e in sweep_eps):
+        raise ValueError(f"sweep_eps: expected radii in (0, {max_eps:.4g}], got {sweep_eps}")
     return sweep_eps
 
 
-def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples):
+def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples, large_eps):
     """Each attack on its own at each radius on the first `sweep_examples` examples."""
     start = time.perf_counter()
     m = min(sweep_examples, len(y))
@@ -89,6 +90,6 @@ def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples):
             robust_all &= ~hit
         worst.append(float(robust_all.mean()))
     return {"eps": [0.0, *sweep_eps], "num_examples": m, "accuracy": curves, "worst_case": worst,
-            "attacks": {s.name: s.settings() for s in specs},
+            "attacks": {s.name: s.settings(runner.norm) for s in specs}, "large_eps": large_eps,
             "seconds": time.perf_counter() - start,
             "note": "each attack on its own (no cascade); eps 0 is clean accuracy"}

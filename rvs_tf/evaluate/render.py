@@ -6,6 +6,7 @@ import numpy as np
 
 from rvs_tf import export
 from rvs_tf.checkpoints import replace_durably
+from rvs_tf.evaluate.specs import norm_label
 from rvs_tf.evaluate.statistics import format_rate
 
 
@@ -20,7 +21,7 @@ def default_output_dir(path):
 
 def format_summary(report):
     """The lines `rvs-evaluate` prints: clean, every attack named with its settings, the worst case."""
-    lines = [f"model {report['model']}, {report['num_examples']} examples, L-inf eps={report['eps']:.4g}",
+    lines = [f"model {report['model']}, {report['num_examples']} examples, {_norm(report)} eps={report['eps']:.4g}",
              f"clean accuracy: {format_rate(report['clean'])}"]
     for r in report["attacks"]:
         lines.append(f"{r['description']}: {format_rate(r)} ({r['accuracy_kind']})")
@@ -41,6 +42,11 @@ def format_summary(report):
     return lines
 
 
+def _norm(report):
+    """The report's norm as printed: "L-inf" or "L2" (reports from before norms were L-inf)."""
+    return norm_label(report.get("norm", "linf"))
+
+
 def _status(passed):
     """A check's result as the summary and the Markdown table show it."""
     return {True: "PASS", False: "FAIL", None: "SKIPPED"}[passed]
@@ -58,7 +64,7 @@ def write_outputs(report, output_dir, x, y, ensemble, runner):
     else:
         del report["files"]["eps_plot"]
     _plot_examples(x, ensemble.x_show, y, ensemble.shown_by, runner, report["class_names"], report["eps"],
-                   report["files"]["examples"])
+                   report["files"]["examples"], _norm(report))
     _write_atomic(report["files"]["json"], json.dumps(report, indent=2))
     _write_atomic(report["files"]["markdown"], _markdown(report))
 
@@ -74,7 +80,7 @@ def _markdown(report):
     """report.md: the headline first, then every attack, the checks and the method."""
     wc = report["worst_case"]
     out = [f"# Robustness report: {report['model']}", "",
-           f"Dataset {report['dataset'] or '(given)'}, {report['num_examples']} examples, L-inf eps = "
+           f"Dataset {report['dataset'] or '(given)'}, {report['num_examples']} examples, {_norm(report)} eps = "
            f"{report['eps']:.4g}, attacks: {report['attacks_preset']}, seed {report['seed']}.", "",
            f"**Worst case over {', '.join(wc['over'])}: {format_rate(wc)}** (95% Clopper-Pearson interval)"
            + (" - an upper bound only, not a robust accuracy." if wc["is_upper_bound_only"] else "."), "",
@@ -108,7 +114,7 @@ def _plot_sweep(report, path):
     for name, curve in sweep["accuracy"].items():
         ax.plot(sweep["eps"], curve, marker="o", label=name)
     ax.axvline(report["eps"], color="grey", lw=0.8)
-    ax.set(xlabel="L-inf eps", ylabel="accuracy", ylim=(-0.02, 1.02),
+    ax.set(xlabel=f"{_norm(report)} eps", ylabel="accuracy", ylim=(-0.02, 1.02),
            title=f"accuracy against eps ({sweep['num_examples']} examples)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -116,9 +122,9 @@ def _plot_sweep(report, path):
     fig.savefig(path)
 
 
-def _plot_examples(x, x_show, y, shown_by, runner, class_names, eps, path, count=8):
-    """Columns: examples (broken ones first); rows: clean, perturbation (grey = 0, scaled to +-eps),
-    adversarial image with the model's prediction."""
+def _plot_examples(x, x_show, y, shown_by, runner, class_names, eps, path, norm="L-inf", count=8):
+    """Columns: examples (broken ones first); rows: clean, perturbation (grey = 0, scaled to +-eps in
+    L-inf, to the largest pixel change shown in L2), adversarial image with the model's prediction."""
     from matplotlib.figure import Figure
 
     changed = [i for i in range(len(y)) if shown_by[i] is not None]
@@ -129,7 +135,9 @@ def _plot_examples(x, x_show, y, shown_by, runner, class_names, eps, path, count
     preds = dict(zip(changed, pred))
     fig = Figure(figsize=(1.6 * len(picks), 5.2), dpi=100)
     axes = fig.subplots(3, len(picks), squeeze=False)
-    scale = 2 * eps if eps > 0 else 1.0
+    largest = max((float(np.max(np.abs(x_show[i] - x[i]))) for i in picks), default=0.0)
+    scale = 2 * (eps if norm == "L-inf" else largest)
+    scale = scale if scale > 0 else 1.0
     for col, i in enumerate(picks):
         delta = 0.5 + (x_show[i] - x[i]) / scale
         for row, (img, title) in enumerate([
@@ -142,6 +150,6 @@ def _plot_examples(x, x_show, y, shown_by, runner, class_names, eps, path, count
                       vmin=0, vmax=1)
             ax.set_title(title, fontsize=7)
             ax.axis("off")
-    fig.suptitle(f"clean / perturbation (eps={eps:.4g}, grey = 0) / adversarial", fontsize=9)
+    fig.suptitle(f"clean / perturbation ({norm} eps={eps:.4g}, grey = 0) / adversarial", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

@@ -1,9 +1,10 @@
 """`robustness_report`: validate, load, ensemble, sweep, checks, render."""
-import numbers
-import time
-
 import contextlib
+import math
+import numbers
 import os
+import time
+import warnings
 
 from rvs_tf.arguments import check_int
 from rvs_tf.evaluate import checks, ensemble, render, specs as specs_lib, state as state_lib
@@ -11,6 +12,7 @@ from rvs_tf.evaluate.models import load_model, search_model
 from rvs_tf.evaluate.runner import Runner, materialise
 from rvs_tf.evaluate.shards import resolve_strategy
 from rvs_tf.evaluate.statistics import rate
+from rvs_tf.threat_model import ThreatModelWarning, eps_warning, parse_norm
 
 METHOD = (
     "FGSM and PGD attack every correctly classified example (stand-alone "
@@ -18,7 +20,7 @@ METHOD = (
     "earlier attack broke, so its row gives the accuracy after it and every attack above it; gradient-free "
     "attacks run last, so what they break is exactly what every white-box attack missed. Broken examples are "
     "re-checked by running the model on the returned images, and every adversarial image is checked to "
-    "lie in the eps-ball and [0, 1]. The eps sweep (figure and sanity checks) runs every attack on its own "
+    "lie in the eps-ball (of the report's norm) and [0, 1]. The eps sweep (figure and sanity checks) runs every attack on its own "
     "on the first "
     "`sweep_examples` examples, with the budgets listed under eps_sweep.attacks (for the standard "
     "ensemble: the quick budgets, to keep the run short).")
@@ -27,8 +29,8 @@ METHOD = (
 def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=None, batch_size=500,
                       cascade=True, sweep_eps=None, sweep_examples=100, sweep_attacks=None, output_dir=None,
                       seed=0, progress=True, class_names=None, dataset_name=None, tolerance=0.01,
-                      state_dir=None, restart=False, strategy=None, precision="float32"):
-    """Attack `model` on `dataset` at L-inf radius `eps`; return the report as a JSON-ready dict.
+                      state_dir=None, restart=False, strategy=None, precision="float32", norm="linf"):
+    """Attack `model` on `dataset` at radius `eps` in `norm`; return the report as a JSON-ready dict.
 
     model: Keras model returning logits, a callable returning logits (or a dict with "logits"), or the
     path of a SavedModel with a `serving_default` signature, a folder of integer versions, a .keras file.
@@ -49,34 +51,49 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     bfloat16, several times faster on CPUs with AMX; every break is re-checked in float32 and, where not
     clearly confirmed, attacked again in float32) or "auto" (bfloat16 where the hardware runs it fast, see
     `rvs_tf.precision`). The report's accuracies are float32 verdicts whatever the search used.
+    norm: the threat model, "linf" (default) or "l2", for every attack of the ensemble and of the sweep
+    (FGSM becomes FGM, Square takes its L2 form); eps is in its units on [0, 1] images (L2: e.g. 0.5 on
+    CIFAR-10, 1.5 on Fashion-MNIST). The sweep's large radius, where every model must fail, is where every
+    image can reach the same grey image: 0.5 in L-inf, 0.5 * sqrt(H * W * C) in L2.
     """
-    _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
+    norm = parse_norm(norm)
+    _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
+    if eps_warning(norm, eps):
+        warnings.warn(eps_warning(norm, eps), ThreatModelWarning, stacklevel=2)
     strategy = resolve_strategy(strategy)
     preset = attacks if isinstance(attacks, str) else "custom"
     specs = specs_lib.resolve_attacks(attacks)
+    sweep_specs = specs_lib.resolve_attacks(
+        sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
+    for chosen in (specs, sweep_specs):
+        specs_lib.check_norm(chosen, norm)
     eps = float(eps)
-    sweep_eps = ensemble.sweep_radii(eps, sweep_eps, checks.LARGE_EPS)
 
     start = time.perf_counter()
     with strategy.scope() if strategy is not None else contextlib.nullcontext():  # weights on every replica
         logits_fn, metadata, model_name = load_model(model)
     x, y = materialise(dataset, num_examples)
+    largest = checks.max_eps(norm, x.shape[1:])
+    if eps > largest:
+        raise ValueError(f"eps: expected at most {largest:.4g} for {norm} on images of shape {x.shape[1:]} (the "
+                         f"diameter of [0, 1]^d), got {eps!r}")
+    large_eps = checks.large_eps(norm, x.shape[1:])
+    sweep_eps = ensemble.sweep_radii(eps, sweep_eps, large_eps, largest)
     search, search_policy, search_note = search_model(logits_fn, precision)
-    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy, search_model=search)
+    runner = Runner(logits_fn, x.shape[1:], batch_size, seed, progress, strategy, search_model=search, norm=norm)
     class_names = _class_names(class_names, metadata, runner.num_classes(x), y)
     state = None if state_dir is None else state_lib.EvaluationState(state_dir, state_lib.fingerprint(
         model_name, runner.logits(x[:batch_size]), x, y, eps=eps, specs=specs, seed=seed, cascade=cascade,
-        batch_size=batch_size, search_precision=search_policy), restart=restart, writable=runner.shards.chief)  # only the chief writes
+        batch_size=batch_size, search_precision=search_policy, norm=norm),
+        restart=restart, writable=runner.shards.chief)  # only the chief writes
     found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade, state)
-    sweep_specs = specs_lib.resolve_attacks(
-        sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
-    sweep = (ensemble.sweep(runner, sweep_specs, x, y, found.correct, sweep_eps, sweep_examples)
+    sweep = (ensemble.sweep(runner, sweep_specs, x, y, found.correct, sweep_eps, sweep_examples, large_eps)
              if sweep_examples else None)
     # A resumed evaluation counts the time its killed runs spent on the batches it restored.
     seconds, n = time.perf_counter() - start + sum(r["seconds_in_earlier_runs"] for r in found.rows), len(y)
     report = {
         "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
-        "eps": eps, "norm": "Linf",
+        "eps": eps, "norm": {"linf": "Linf", "l2": "L2"}[norm],
         "precision": {"search": search_policy, "verdicts": metadata.get("serving_precision", "float32"),
                       "note": search_note,
                       "search_breaks_rechecked_in_float32": dict(runner.rechecked)},
@@ -101,10 +118,13 @@ def _worst_case(found, specs, n):
             "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)}
 
 
-def _validate(eps, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir):
+def _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir):
     """Refuse bad arguments before loading anything."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps: expected a number in [0, 1] (L-inf radius for images in [0, 1]), got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a number >= 0 ({norm} radius for images in [0, 1]), got {eps!r}")
+    if norm == "linf" and eps > 1.0:
+        raise ValueError(f"eps: expected a number in [0, 1] (L-inf radius for images in [0, 1]), got {eps!r}"
+                         " (an L2 radius? pass norm='l2')")
     check_int("batch_size", batch_size, 1)
     check_int("sweep_examples", sweep_examples, 0)
     check_int("seed", seed, 0)

@@ -1,5 +1,6 @@
 """Running attacks: the evaluation set held in memory, each attack compiled once and run in batches, and
 every result re-checked independently of the attack's own bookkeeping."""
+import functools
 import json
 import sys
 import weakref
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from rvs_tf import attacks as attacks_lib
 from rvs_tf.evaluate.shards import Shards
+from rvs_tf.threat_model import parse_norm
 
 
 def materialise(dataset, num_examples):
@@ -138,8 +140,9 @@ class Runner:
     correctly is attacked again with the float32 model, so a break found in bfloat16 never counts
     unconfirmed and one bfloat16 rounding hid is not lost."""
 
-    def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None, search_model=None):
-        self.model, self.batch_size, self.seed = model, batch_size, seed
+    def __init__(self, model, image_shape, batch_size, seed, progress, strategy=None, search_model=None,
+                 norm="linf"):
+        self.model, self.batch_size, self.seed, self.norm = model, batch_size, seed, parse_norm(norm)
         self.shards = Shards(strategy)
         self.progress = progress and self.shards.chief
         self._x_spec = tf.TensorSpec([None, *image_shape], tf.float32)
@@ -178,7 +181,7 @@ class Runner:
         bound = self._search if search and self._search is not None else self._verdict
         key = (spec, bound is self._verdict)
         if key not in self._compiled:
-            self._compiled[key] = self._compile(spec, spec.run, [
+            self._compiled[key] = self._compile((spec, self.norm), functools.partial(spec.run, norm=self.norm), [
                 self._x_spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.float32),
                 tf.TensorSpec([2], tf.int64)], bound)
         return self._compiled[key]
@@ -229,9 +232,10 @@ class Runner:
                 state.save([(b, out, self.labels(out) != y[i:i + size]) for (b, i), out in zip(group, outs)])
             if bar is not None:
                 bar.update(min(group[-1][1] + size, n))
-        excess = np.max(np.abs(x_adv - x), initial=0.0)
-        if excess > eps + 1e-5 or (n and (x_adv.min() < 0.0 or x_adv.max() > 1.0)):
-            raise RuntimeError(f"{spec.name}: expected images inside the eps-ball and [0, 1], got max "
-                               f"|delta| {excess} at eps {eps}; this is a bug in rvs_tf.attacks (or a "
-                               "state_dir written by another version)")
+        delta = (x_adv - x).reshape(n, int(np.prod(x.shape[1:])))
+        excess = np.max(np.abs(delta) if self.norm == "linf" else np.linalg.norm(delta, axis=1), initial=0.0)
+        if excess > eps * (1 + 1e-5) + 1e-5 or (n and (x_adv.min() < 0.0 or x_adv.max() > 1.0)):
+            raise RuntimeError(f"{spec.name}: expected images inside the {self.norm} eps-ball and [0, 1], got "
+                               f"a perturbation of {self.norm} norm {excess} at eps {eps}; this is a bug in "
+                               "rvs_tf.attacks (or a state_dir written by another version)")
         return x_adv, self.labels(x_adv) != y

@@ -4,6 +4,12 @@ import dataclasses
 from typing import Callable
 
 from rvs_tf import attacks as attacks_lib
+from rvs_tf.threat_model import parse_norm
+
+
+def norm_label(norm):
+    """How reports name a norm: "L-inf" or "L2"."""
+    return {"linf": "L-inf", "l2": "L2"}[parse_norm(norm)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +21,7 @@ class AttackKind:
     white_box: uses gradients (the default of its specs). seeded: takes a `seed`.
     single_step: the one-step reference that iterative attacks must beat (a sanity check).
     settings: params dict -> the settings shown in the report, e.g. ["20 steps", "loss=ce"].
+    norms: the threat models it runs in; `fn` takes `norm=` when this names more than L-inf.
     """
     name: str
     fn: Callable
@@ -23,6 +30,7 @@ class AttackKind:
     white_box: bool = True
     seeded: bool = True
     single_step: bool = False
+    norms: tuple = ("linf",)
 
 
 def _fgsm_settings(_):
@@ -46,11 +54,13 @@ def _square_settings(p):
     return [f"{p.get('queries', 5000)} queries", f"p_init={p.get('p_init', 0.8)}", "loss=margin"]
 
 
+BOTH_NORMS = ("linf", "l2")
 KINDS = {kind.name: kind for kind in (
-    AttackKind("fgsm", attacks_lib.fgsm, _fgsm_settings, standalone=True, seeded=False, single_step=True),
-    AttackKind("pgd", attacks_lib.pgd, _pgd_settings, standalone=True),
-    AttackKind("apgd", attacks_lib.apgd, _apgd_settings),
-    AttackKind("square", attacks_lib.square, _square_settings, white_box=False),
+    AttackKind("fgsm", attacks_lib.fgsm, _fgsm_settings, standalone=True, seeded=False, single_step=True,
+               norms=BOTH_NORMS),
+    AttackKind("pgd", attacks_lib.pgd, _pgd_settings, standalone=True, norms=BOTH_NORMS),
+    AttackKind("apgd", attacks_lib.apgd, _apgd_settings, norms=BOTH_NORMS),
+    AttackKind("square", attacks_lib.square, _square_settings, white_box=False, norms=BOTH_NORMS),
 )}
 
 
@@ -78,17 +88,19 @@ class AttackSpec:
     def standalone(self):
         return self.kind.standalone
 
-    def settings(self):
+    def settings(self, norm="linf"):
         """Name and settings without the radius, e.g. for the sweep, which runs at several."""
-        return f"{self.name} ({', '.join(self.kind.settings(dict(self.params)))}, L-inf)"
+        return f"{self.name} ({', '.join(self.kind.settings(dict(self.params)))}, {norm_label(norm)})"
 
-    def describe(self, eps):
-        return f"{self.name} ({', '.join(self.kind.settings(dict(self.params)))}, eps={eps:.4g}, L-inf)"
+    def describe(self, eps, norm="linf"):
+        return (f"{self.name} ({', '.join(self.kind.settings(dict(self.params)))}, eps={eps:.4g}, "
+                f"{norm_label(norm)})")
 
-    def run(self, model, x, y, eps, seed):
-        """The attack on (x, y) at `eps`; `seed` reaches only attacks that take one."""
+    def run(self, model, x, y, eps, seed, norm="linf"):
+        """The attack on (x, y) at `eps` in `norm`; `seed` reaches only attacks that take one."""
         seeded = {"seed": seed} if self.kind.seeded else {}
-        return self.kind.fn(model, x, y, eps=eps, **dict(self.params), **seeded)
+        normed = {"norm": norm} if self.kind.norms != ("linf",) else {}
+        return self.kind.fn(model, x, y, eps=eps, **dict(self.params), **seeded, **normed)
 
 
 def attack_spec(name, fn, *, white_box=None, **params):
@@ -142,6 +154,14 @@ def _named_specs(attacks):
         raise ValueError(f"attacks: expected a preset {sorted(PRESETS)} or a comma-separated list of "
                          f"{sorted(ATTACKS)}, got {attacks!r}")
     return [ATTACKS[a] for a in dict.fromkeys(names)]
+
+
+def check_norm(specs, norm):
+    """Refuse attacks that cannot run in `norm` (a custom AttackKind is L-inf unless it names more)."""
+    unable = [s.name for s in specs if parse_norm(norm) not in s.kind.norms]
+    if unable:
+        raise ValueError(f"attacks: {', '.join(unable)} cannot run under norm {parse_norm(norm)} (their "
+                         "AttackKind's norms); choose other attacks or norm='linf'")
 
 
 def is_upper_bound_only(specs):

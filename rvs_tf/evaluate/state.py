@@ -1,8 +1,8 @@
 """Resumable evaluation: each attack's progress kept in `state_dir`, written atomically after every round
 of batches, so `kill -9` and the same command again continue where it stopped and end with the same report.
 
-Layout: `evaluation.json` (what the state belongs to: model, data, eps, attacks, seed, cascade, batch size),
-then one folder per attack of the ensemble, `<position>-<name>/`, holding `index.json` (the examples the
+Layout: `evaluation.json` (what the state belongs to: model, data, norm and eps, attacks, seed, cascade,
+batch size), then one folder per attack of the ensemble, `<position>-<name>/`, holding `index.json` (the examples the
 attack runs on, how many batches are finished, which examples it broke) and `batch-<b>.npz` (the batch's
 adversarial images and which of them the model misclassifies). A batch file is written before the index
 names it, both through a temporary file, fsync and rename, so a killed run never leaves a half-written
@@ -32,7 +32,7 @@ INDEX = "evaluation.json"
 
 
 def fingerprint(model_name, first_logits, x, y, *, eps, specs, seed, cascade, batch_size,
-                search_precision="float32"):
+                search_precision="float32", norm="linf"):
     """What an evaluation's state belongs to; a state is resumed only by an evaluation with the same one.
     The model is named by its description and its logits on the first examples (weights moved under the
     same path change them; they are compared with LOGITS_TOLERANCE), the data by a digest of the images
@@ -40,7 +40,7 @@ def fingerprint(model_name, first_logits, x, y, *, eps, specs, seed, cascade, ba
     logits = np.asarray(first_logits, np.float64)[:LOGITS_EXAMPLES]
     return {"model": model_name, "model_logits": [[float(f"{v:.6g}") for v in row] for row in logits],
             "data": _digest(np.ascontiguousarray(x), np.ascontiguousarray(y)), "num_examples": int(len(y)),
-            "eps": float(eps), "attacks": [f"{s.name}: {s.fn} {dict(s.params)} white_box={s.white_box}"
+            "norm": norm, "eps": float(eps), "attacks": [f"{s.name}: {s.fn} {dict(s.params)} white_box={s.white_box}"
                                            for s in specs],
             "seed": int(seed), "cascade": bool(cascade), "batch_size": int(batch_size),
             "search_precision": search_precision}
@@ -103,7 +103,7 @@ def _mismatch(found, expected):
     """The fields that differ, e.g. "eps: 0.1 in the state, 0.05 now"; "" when the state is this one's."""
     if found.get("version") != expected["version"]:
         return f"format version {found.get('version')!r} in the state, {expected['version']} now"
-    old, new = found.get("fingerprint") or {}, expected["fingerprint"]
+    old, new = {"norm": "linf", **(found.get("fingerprint") or {})}, expected["fingerprint"]  # L-inf before norms
     differ = []
     for k in sorted(set(old) | set(new)):
         if k == "model_logits" and k in old:
