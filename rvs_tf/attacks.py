@@ -445,6 +445,31 @@ def _square_l2_start(x, eps, seed):
     return eps * delta / tf.maximum(ThreatModel.of("l2", 1.0).size(delta), 1e-12)
 
 
+def _random_search(model, x, y, x_start, queries, propose):
+    """Square's loop: from `x_start`, each query i offers the examples not yet clearly misclassified
+    (CLEAR_MARGIN) the images `propose(i, idx, clean, current)` returns for them, kept where the margin
+    z_y - max_{j!=y} z_j falls; `queries` counts model calls per example."""
+    logits = model_logits(model, x_start)
+    m_best = -margin_loss(logits, y)
+    tol = -_clear_margin(logits)  # query on until an example is misclassified clearly, not at the boundary
+
+    def body(i, x_best, m_best):
+        idx = tf.where(m_best > tol)[:, 0]
+        xs, xb, ys = tf.gather(x, idx), tf.gather(x_best, idx), tf.gather(y, idx)
+        x_new = propose(i, idx, xs, xb)
+        m_new = -margin_loss(model_logits(model, x_new), ys)
+        better = m_new < tf.gather(m_best, idx)
+        x_best = tf.tensor_scatter_nd_update(x_best, idx[:, None],
+                                             tf.where(better[:, None, None, None], x_new, xb))
+        m_best = tf.tensor_scatter_nd_update(m_best, idx[:, None],
+                                             tf.where(better, m_new, tf.gather(m_best, idx)))
+        return i + 1, x_best, m_best
+
+    _, x_best, _ = tf.while_loop(lambda i, _, m: (i < queries) & tf.reduce_any(m > tol), body,
+                                 (tf.constant(1), x_start, m_best))
+    return x_best
+
+
 def _square_l2(model, x, y, eps, queries, p_init, seed):
     """Square's L2 form (Andriushchenko et al. 2020, section 3.2; AutoAttack's L2 Square). Each query picks
     two windows of an odd side s (s^2 ~ p * H * W, p on the L-inf schedule): the perturbation's mass in
@@ -456,21 +481,15 @@ def _square_l2(model, x, y, eps, queries, p_init, seed):
     size = ThreatModel.of("l2", eps).size
     largest = min(height, width) - (1 - min(height, width) % 2)  # the largest odd side that fits
     blocks = _square_l2_blocks(largest)
-    x_best = tf.clip_by_value(x + _square_l2_start(x, eps, seed), 0.0, 1.0)
-    logits = model_logits(model, x_best)
-    m_best = -margin_loss(logits, y)
-    tol = -_clear_margin(logits)
 
-    def body(i, x_best, m_best):
-        idx = tf.where(m_best > tol)[:, 0]
+    def propose(i, idx, xs, xb):
         n = tf.shape(idx)[0]
-        xs, xb, ys = tf.gather(x, idx), tf.gather(x_best, idx), tf.gather(y, idx)
         fraction = _square_fraction(i, queries, p_init)
         side = tf.maximum(tf.cast(tf.round(tf.sqrt(fraction * height * width)), tf.int32), 3)
         side = tf.minimum(side + 1 - side % 2, largest)
         u = _uniform(tf.stack([n, 5 + channels]), 0.0, 1.0, seed, i)
-        top1, left1, top2, left2 = (tf.cast(u[:, k] * tf.cast(extent - side + 1, tf.float32), tf.int32)
-                                    for k, extent in enumerate((height, width, height, width)))
+        top1, left1 = (tf.cast(u[:, k] * tf.cast(extent - side + 1, tf.float32), tf.int32)
+                       for k, extent in enumerate((height, width)))
         first = _square_window(u[:, 0:2], side, height, width)
         both = first | _square_window(u[:, 2:4], side, height, width)
         block = tf.gather(blocks, tf.fill([n], side))
@@ -484,18 +503,10 @@ def _square_l2(model, x, y, eps, queries, p_init, seed):
         proposal *= tf.sqrt(spare + tf.square(_channel_norm(tf.where(both, delta, 0.0)))) / (
             1e-12 + _channel_norm(proposal))
         delta = tf.where(first, proposal, tf.where(both, 0.0, delta))
-        x_new = tf.clip_by_value(xs + eps * delta / (1e-12 + size(delta)), 0.0, 1.0)
-        m_new = -margin_loss(model_logits(model, x_new), ys)
-        better = m_new < tf.gather(m_best, idx)
-        x_best = tf.tensor_scatter_nd_update(x_best, idx[:, None],
-                                             tf.where(better[:, None, None, None], x_new, xb))
-        m_best = tf.tensor_scatter_nd_update(m_best, idx[:, None],
-                                             tf.where(better, m_new, tf.gather(m_best, idx)))
-        return i + 1, x_best, m_best
+        return tf.clip_by_value(xs + eps * delta / (1e-12 + size(delta)), 0.0, 1.0)
 
-    _, x_best, _ = tf.while_loop(lambda i, _, m: (i < queries) & tf.reduce_any(m > tol), body,
-                                 (tf.constant(1), x_best, m_best))
-    return x_best
+    x_start = tf.clip_by_value(x + _square_l2_start(x, eps, seed), 0.0, 1.0)
+    return _random_search(model, x, y, x_start, queries, propose)
 
 
 @_graph_ready
@@ -528,33 +539,17 @@ def square(model, x, y, *, eps, queries=5000, p_init=0.8, seed=None, norm="linf"
 
     stripes = tf.where(_uniform(tf.stack([tf.shape(x)[0], 1, width, channels]), 0.0, 1.0, seed, 0) < 0.5,
                        -eps, eps)
-    x_best = tf.clip_by_value(x + stripes, lo, hi)
-    logits = model_logits(model, x_best)
-    m_best = -margin_loss(logits, y)
-    tol = -_clear_margin(logits)  # query on until an example is misclassified clearly, not at the boundary
 
-    def body(i, x_best, m_best):
-        idx = tf.where(m_best > tol)[:, 0]
-        n = tf.shape(idx)[0]
-        xs, xb, ys = tf.gather(x, idx), tf.gather(x_best, idx), tf.gather(y, idx)
+    def propose(i, idx, xs, xb):
         los, his = tf.gather(lo, idx), tf.gather(hi, idx)
         s = _square_side(i, queries, p_init, height, width)
-        u = _uniform(tf.stack([n, 2 + channels]), 0.0, 1.0, seed, i)
+        u = _uniform(tf.stack([tf.shape(idx)[0], 2 + channels]), 0.0, 1.0, seed, i)
         window = _square_window(u, s, height, width)
         step = tf.where(u[:, 2:] < 0.5, -eps, eps)[:, None, None, :]
         # A proposal equal to the current window wastes a query: flip its signs instead.
         unchanged = tf.reduce_all(~window | (tf.abs(tf.clip_by_value(xs + step, los, his) - xb) < 1e-7),
                                   axis=[1, 2, 3])
         step = tf.where(unchanged[:, None, None, None], -step, step)
-        x_new = tf.where(window, tf.clip_by_value(xs + step, los, his), xb)
-        m_new = -margin_loss(model_logits(model, x_new), ys)
-        better = m_new < tf.gather(m_best, idx)
-        x_best = tf.tensor_scatter_nd_update(x_best, idx[:, None],
-                                             tf.where(better[:, None, None, None], x_new, xb))
-        m_best = tf.tensor_scatter_nd_update(m_best, idx[:, None],
-                                             tf.where(better, m_new, tf.gather(m_best, idx)))
-        return i + 1, x_best, m_best
+        return tf.where(window, tf.clip_by_value(xs + step, los, his), xb)
 
-    _, x_best, _ = tf.while_loop(lambda i, _, m: (i < queries) & tf.reduce_any(m > tol), body,
-                                 (tf.constant(1), x_best, m_best))
-    return x_best
+    return _random_search(model, x, y, tf.clip_by_value(x + stripes, lo, hi), queries, propose)
