@@ -41,6 +41,9 @@ ROWS = {
                      "TRADES with label smoothing 0.5"),
     "rvs": (["--method=rvs"], "RVS, the authors' step (alternating), label smoothing 0.5"),
     "rvs_seed1": (["--method=rvs", "--seed=1"], "RVS, seed 1"),
+    # Issue 23's control: the OT term in raw squared feature units, the default before ot_units="spread".
+    "rvs_absolute": (["--method=rvs", "--ot_units=absolute"], "RVS in raw feature units (--ot_units=absolute)"),
+    "rvs_absolute_seed1": (["--method=rvs", "--ot_units=absolute", "--seed=1"], "rvs_absolute, seed 1"),
     "rvs_simultaneous": (["--method=rvs", "--rvs_update=simultaneous"], "RVS, simultaneous update"),
     "rvs_no_ls": (["--method=rvs", "--label_smoothing=0"], "RVS without label smoothing"),
     "rvs_frozen_generator": (["--method=rvs", "--freeze_generator"],
