@@ -22,7 +22,7 @@ setup(
         "importlib_resources>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "tensorflow-serving-api>=2.18,<2.22"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "tensorflow-serving-api>=2.18,<2.22"],
         # benchmarks/eval_speed.py --compare_art times IBM ART's attacks against ours
         "benchmarks": ["adversarial-robustness-toolbox>=1.17"],
     },

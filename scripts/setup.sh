@@ -12,7 +12,7 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-if ! .venv/bin/python -c "import rvs_tf, pytest, tensorflow_serving" 2>/dev/null \
+if ! .venv/bin/python -c "import rvs_tf, pytest, xdist, tensorflow_serving" 2>/dev/null \
    || [ setup.py -nt .venv/.rvs_installed ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[test]"
