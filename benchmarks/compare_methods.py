@@ -83,6 +83,14 @@ for _name in ("fgsm_rs", "pgd", "nfgsm", "fgsm_pgi", "rvs_init", "rvs"):
     ROWS[f"{_name}_eps{LARGE_EPS}"] = (_flags, f"{_name} at eps {LARGE_EPS}")
     if _name != "rvs":
         ROWS[f"{_name}_eps{LARGE_EPS}_seed1"] = (_flags + ["--seed=1"], f"{_name} at eps {LARGE_EPS}, seed 1")
+# The L2 threat model (issue 21) at eps 1.5 on [0, 1] images (an RMS change of 0.054 per pixel, in the range
+# of the MNIST-family L2 radii of the literature, 1.5-2). The same recipes with --norm=l2: normalised
+# gradient steps, noise from the L2 ball, RVS's perturbation projected onto it.
+L2_EPS = 1.5
+for _name in ("natural", "pgd", "trades", "nfgsm", "fgsm_rs", "rvs", "rvs_init"):
+    ROWS[f"{_name}_l2"] = (ROWS[_name][0] + ["--norm=l2", f"--eps={L2_EPS}"], f"{_name} under L2, eps {L2_EPS}")
+for _name in ("pgd", "nfgsm", "rvs"):
+    ROWS[f"{_name}_l2_seed1"] = (ROWS[f"{_name}_l2"][0] + ["--seed=1"], f"{_name} under L2, seed 1")
 FAMILIES = {  # --method -> (family, colour)
     "natural": ("natural", "tab:gray"), "fgsm_rs": ("single-step", "tab:blue"),
     "nfgsm": ("single-step", "tab:blue"), "fgsm_pgi": ("single-step", "tab:blue"),
@@ -135,6 +143,25 @@ def row_method(name):
 
 def row_eps(name):
     return float(next((f.split("=", 1)[1] for f in ROWS[name][0] if f.startswith("--eps=")), 0.1))
+
+
+def row_norm(name):
+    return next((f.split("=", 1)[1].lower() for f in ROWS[name][0] if f.startswith("--norm=")), "linf")
+
+
+def row_threat(name):
+    """(norm, eps) the row trains and is evaluated under; the table has one section per threat."""
+    return row_norm(name), row_eps(name)
+
+
+def threat_text(threat):
+    norm, eps = threat
+    return f"eps {eps:g}" if norm == "linf" else f"L2 eps {eps:g}"
+
+
+def base_row(name):
+    """The method row a seed, eps or norm variant belongs to: pgd_l2_seed1 -> pgd."""
+    return name.split("_seed")[0].split("_eps")[0].removesuffix("_l2")
 
 
 def run_row(name, options):
@@ -236,13 +263,13 @@ def write_results(options):
     ratios = step_ratios()
     first = next(iter(done.values()))["report"] if done else None
     lines = [
-        "# Defences and ablations on Fashion-MNIST, eps 0.1 and 0.2",
+        "# Defences and ablations on Fashion-MNIST: L-inf eps 0.1 and 0.2, L2 eps 1.5",
         "",
         "Made by `python benchmarks/compare_methods.py` (see its docstring). Every row: "
         "`flags/fashion_mnist.cfg` (small CNN, Adam 1e-3, batch 128), the budget of its section, "
         f"the row's flags; evaluated on the first {options.eval_examples} "
         f"Fashion-MNIST test images (the same for every row) with `rvs-evaluate --attacks={options.attacks}` "
-        "at the eps the row trained with. Each finished row is kept in `benchmarks/results/<row>.json`.",
+        "under the norm and eps the row trained with. Each finished row is kept in `benchmarks/results/<row>.json`.",
         "Accuracies in %, 95% Clopper-Pearson intervals in brackets. The worst case counts an image as robust "
         "only if no attack of the ensemble broke it; PGD-20 alone is shown for comparison with the "
         "literature and is not a robust accuracy. `step x nat.`: train-step time over natural training's from "
@@ -255,12 +282,12 @@ def write_results(options):
         attack_names = "; ".join(f"{a['description']} [{a['accuracy_kind']}]" for a in first["attacks"])
         lines += [f"Ensemble: {attack_names}.", ""]
     lines += ["# The short budget: 3 epochs of 150 steps (about one pass over the data)", ""]
-    for eps in sorted({row_eps(name) for name in ROWS}):
-        lines += [f"## eps {eps:g}", "",
+    for threat in sorted({row_threat(name) for name in ROWS}, key=lambda t: (t[0] != "linf", t[1])):
+        lines += [f"## {threat_text(threat)}", "",
                   "| row | clean | PGD-20 | worst case (ensemble) | s/epoch | step x nat. | CO | flags |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, (flags, what) in ROWS.items():
-            if row_eps(name) != eps or name in LONG_ONLY:
+            if row_threat(name) != threat or name in LONG_ONLY:
                 continue
             row = rows[name]
             if not row:
@@ -430,11 +457,14 @@ def place_labels(axes, xs, ys, texts):
 MAIN_ROWS = ("natural", "fgsm_rs", "nfgsm", "fgsm_pgi", "pgd", "trades", "rvs", "rvs_simultaneous", "rvs_init")
 
 
-def method_points(done, eps, natural_seconds, ratios):
-    """One point per main method at this eps: the mean over its seeds, and the range as the error bar."""
+def method_points(done, threat, natural_seconds, ratios):
+    """One point per main method under this threat: the mean over its seeds, the range as the error bar."""
     points = []
     for base in MAIN_ROWS:
-        stem = base if eps == 0.1 else f"{base}_eps{eps:g}"
+        stem = [n for n in ROWS if base_row(n) == base and row_threat(n) == threat and "_seed" not in n]
+        if not stem:
+            continue
+        stem = stem[0]
         names = [n for n in done if n == stem or n.startswith(stem + "_seed")]
         if not names:
             continue
@@ -460,12 +490,13 @@ def plot_tradeoff(done, natural_seconds, ratios):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epsilons = sorted({row_eps(name) for name in done})
-    figure, grid = plt.subplots(len(epsilons), 2, figsize=(14, 6 * len(epsilons)), squeeze=False)
+    threats = sorted({row_threat(name) for name in done}, key=lambda t: (t[0] != "linf", t[1]))
+    figure, grid = plt.subplots(len(threats), 2, figsize=(14, 6 * len(threats)), squeeze=False)
     labels = []
-    for (left, right), eps in zip(grid, epsilons):
-        points = method_points(done, eps, natural_seconds, ratios)
-        others = [n for n in done if row_eps(n) == eps and n.split("_seed")[0].split("_eps")[0] not in MAIN_ROWS]
+    for (left, right), threat in zip(grid, threats):
+        points = method_points(done, threat, natural_seconds, ratios)
+        eps = threat_text(threat)
+        others = [n for n in done if row_threat(n) == threat and base_row(n) not in MAIN_ROWS]
         left.scatter([100 * done[n]["report"]["worst_case"]["accuracy"] for n in others],
                      [100 * done[n]["report"]["clean"]["accuracy"] for n in others],
                      c=[FAMILIES[row_method(n)][1] for n in others], s=12, alpha=0.35, label="ablations, controls")
@@ -477,11 +508,11 @@ def plot_tradeoff(done, natural_seconds, ratios):
         front = pareto_front([(p["cost"], p["w"]) for p in points])
         right.step([points[i]["cost"] for i in front], [points[i]["w"] for i in front], where="post",
                    color="black", lw=1, alpha=0.6)
-        left.set(xlabel=f"worst-case robust accuracy over the ensemble (%), eps {eps:g}",
-                 ylabel="clean accuracy (%)", title=f"eps {eps:g}: clean against robust accuracy")
+        left.set(xlabel=f"worst-case robust accuracy over the ensemble (%), {eps}",
+                 ylabel="clean accuracy (%)", title=f"{eps}: clean against robust accuracy")
         right.set(xscale="log", xlabel="training cost: step time / natural step (log scale)",
-                  ylabel=f"worst-case robust accuracy (%), eps {eps:g}",
-                  title=f"eps {eps:g}: robustness against training cost, with the front")
+                  ylabel=f"worst-case robust accuracy (%), {eps}",
+                  title=f"{eps}: robustness against training cost, with the front")
         for axes in (left, right):
             axes.grid(alpha=0.3)
             axes.margins(x=0.12, y=0.08)
