@@ -180,6 +180,8 @@ def run_row(name, options):
                   f"--lr_drop_epochs={options.lr_drop_epochs}"]
         run([os.path.join(BIN, "rvs-train"), "--flagfile=flags/fashion_mnist.cfg", *flags, *budget,
              f"--workdir={folder}/run", f"--export_dir={folder}/export", f"--name={name}"], log)
+        if options.train_only:
+            return
         run([os.path.join(BIN, "rvs-evaluate"), f"--model={folder}/export/{name}",
              f"--attacks={options.attacks}", f"--num_examples={options.eval_examples}",
              f"--output_dir={folder}/eval", "--noprogress"], log)
@@ -540,6 +542,8 @@ def main():
     parser.add_argument("--workdir", default=None, help="default: benchmarks/runs (short budget), "
                         "benchmarks/runs_long (long)")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--train_only", action="store_true", help="train (and export) the rows, evaluate "
+                        "later: a finished training is not repeated")
     parser.add_argument("--rerun", action="store_true", help="run rows again that benchmarks/results/ holds")
     options = parser.parse_args()
     for key, value in BUDGETS[options.budget].items():
@@ -553,7 +557,8 @@ def main():
         for name in options.rows.split(","):
             print(f"== {name}", flush=True)
             run_row(name, options)
-            write_results(options)
+            if not options.train_only:
+                write_results(options)
     write_results(options)
 
 
