@@ -139,7 +139,7 @@ def tiny_cnn():
     return model, x, y
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd-ce", "apgd-t", "square"])
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd-ce", "apgd-t", "square", "fmn"])
 def test_every_attack_stays_in_the_ball_inside_tf_function(tiny_cnn, name):
     model, x, y = tiny_cnn
     run = {"fgsm": lambda x, y, e: attacks.fgsm(model, x, y, eps=e),
@@ -147,7 +147,8 @@ def test_every_attack_stays_in_the_ball_inside_tf_function(tiny_cnn, name):
            "apgd-ce": lambda x, y, e: attacks.apgd(model, x, y, eps=e, steps=5, seed=tf.constant([1, 2])),
            "apgd-t": lambda x, y, e: attacks.apgd(model, x, y, eps=e, steps=4, loss="dlr", targeted=True,
                                                   num_targets=3),
-           "square": lambda x, y, e: attacks.square(model, x, y, eps=e, queries=30)}[name]
+           "square": lambda x, y, e: attacks.square(model, x, y, eps=e, queries=30),
+           "fmn": lambda x, y, e: attacks.fmn(model, x, y, eps=e, steps=20)}[name]
     compiled = tf.function(run)
     for eps in (0.03, 0.2):  # eps as a tensor: one trace for both
         x_adv = compiled(tf.constant(x), tf.constant(y), tf.constant(eps))

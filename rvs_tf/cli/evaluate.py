@@ -51,6 +51,9 @@ flags.DEFINE_string("attacks", "standard",
 flags.DEFINE_string("output_dir", None, "Where the report goes (default: next to the model).")
 flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and proposals.")
 flags.DEFINE_integer("sweep_examples", 100, "Examples of the accuracy-against-eps sweep (0 skips it).")
+flags.DEFINE_integer("radius_examples", None, "Examples whose radius (smallest breaking perturbation) the "
+                     "minimum-norm attack FMN finds, in one run: median radius and accuracy against eps "
+                     "(default: every example under --attacks=standard or quick, none under others; 0 skips).")
 flags.DEFINE_bool("cascade", True, "Attack only examples no earlier attack broke (as AutoAttack).")
 flags.DEFINE_string("state_dir", None, "Where each attack's finished batches are kept, so rerunning the "
                     "same command resumes (default: <output_dir>/state, replaced when the command differs; "
@@ -94,6 +97,8 @@ flags.register_validator("num_examples", lambda v: v >= 1, "--num_examples: expe
 flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size: expected an integer >= 1")
 flags.register_validator("seed", lambda v: v >= 0, "--seed: expected an integer >= 0")
 flags.register_validator("sweep_examples", lambda v: v >= 0, "--sweep_examples: expected an integer >= 0")
+flags.register_validator("radius_examples", lambda v: v is None or v >= 0,
+                         "--radius_examples: expected an integer >= 0")
 flags.register_validator("attacks", _attacks_ok, f"--attacks: expected one of {sorted(evaluate.PRESETS)} or a "
                          f"comma-separated list of {sorted(evaluate.ATTACKS)}")
 
@@ -129,7 +134,7 @@ def main(argv):
         output_dir=output_dir, seed=FLAGS.seed, progress=FLAGS.progress and sys.stdout.isatty(),
         dataset_name=dataset, state_dir=None if state_dir.lower() == "none" else state_dir,
         restart=FLAGS.restart or ("mismatched" if FLAGS.state_dir is None else False), strategy=strategy,
-        precision=FLAGS.precision, norm=norm)
+        precision=FLAGS.precision, norm=norm, radius_examples=FLAGS.radius_examples)
     if not distribute.is_chief(strategy):
         return
     print("\n".join([f"dataset {dataset}", *evaluate.format_summary(report),

@@ -6,11 +6,13 @@ attacks (DESIGN.md section 2). The headline (`report["worst_case"]`) counts an e
 no attack in the ensemble broke it, and every figure names its attack, steps, restarts, loss and eps.
 
 Presets (`attacks=`):
-- "standard" (AutoAttack-like): APGD-CE (100 steps), APGD-T (targeted DLR, 9 targets x 100 steps) and
-  Square (5,000 queries), plus FGSM and PGD-20 (cross-entropy, 1 restart, step 2.5*eps/20) run on their own
-  for comparison with the literature. All five count towards the worst case.
+- "standard" (AutoAttack's standard ensemble, with FMN in FAB-T's place): APGD-CE (100 steps), APGD-T
+  (targeted DLR, 9 targets x 100 steps), FMN (minimum norm, 100 steps) and Square (5,000 queries), plus
+  FGSM and PGD-20 (cross-entropy, 1 restart, step 2.5*eps/20) run on their own for comparison with the
+  literature. All six count towards the worst case. FMN's run on every example also gives each one's
+  radius (`report["radius"]`): the median, and robust accuracy against eps read from one run.
 - "quick" (the training loop's end-of-run report): the same attacks with APGD-CE 50 steps, APGD-T 3 targets
-  x 50 steps, Square 1,000 queries.
+  x 50 steps, FMN 50 steps, Square 1,000 queries.
 - "pgd20": FGSM and PGD-20 only. Its worst case is an upper bound on robust accuracy, not a robust accuracy.
 - a comma-separated list of names from `ATTACKS` (e.g. "pgd20,apgd-dlr,square").
 
@@ -25,6 +27,7 @@ checks, render (summary, JSON, Markdown, figures) and report (the pipeline).
 """
 
 from rvs_tf.evaluate.checks import LARGE_EPS, NEAR_ZERO, Check, sanity_checks
+from rvs_tf.evaluate.ensemble import accuracy_at
 from rvs_tf.evaluate.models import float32_copy, load_model, mixed_policies
 from rvs_tf.evaluate.render import default_output_dir, format_summary
 from rvs_tf.evaluate.report import METHOD, robustness_report
@@ -37,4 +40,4 @@ __all__ = ["AttackSpec", "attack_spec", "ATTACKS", "PRESETS", "LARGE_EPS", "NEAR
            "load_model",
            "resolve_model_path", "default_output_dir", "resolve_attacks", "robustness_report",
            "format_summary", "AttackKind", "KINDS", "SWEEP_PRESETS", "METHOD", "Check", "sanity_checks",
-           "rate", "float32_copy", "mixed_policies"]
+           "rate", "float32_copy", "mixed_policies", "accuracy_at"]

@@ -93,3 +93,33 @@ def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples, large_eps):
             "attacks": {s.name: s.settings(runner.norm) for s in specs}, "large_eps": large_eps,
             "seconds": time.perf_counter() - start,
             "note": "each attack on its own (no cascade); eps 0 is clean accuracy"}
+
+
+def radii(runner, spec, x, y, correct, examples, largest, eps):
+    """Each example's radius, in one run of the minimum-norm attack `spec` on the first `examples`
+    examples: the norm of the smallest perturbation it found that the model misclassifies (0 where the
+    clean image already is, None where it found none). Robust accuracy at any radius r is then the
+    fraction of radii above r (an upper bound, as each radius bounds the true one from above)."""
+    start = time.perf_counter()
+    m = min(examples, len(y))
+    idx = np.flatnonzero(correct[:m])
+    x_adv, wrong = runner.attack(spec, x[idx], y[idx], largest, f"radius: {spec.settings(runner.norm)}, "
+                                 f"{len(idx)} images", tag=f"radius {spec.name}")
+    delta = (x_adv - x[idx]).reshape(len(idx), -1)
+    size = np.abs(delta).max(1, initial=0.0) if runner.norm == "linf" else np.linalg.norm(delta, axis=1)
+    radius = np.zeros(m)
+    radius[idx] = np.where(wrong, size, np.inf)
+    median = float(np.median(radius)) if m else None
+    return {"attack": spec.settings(runner.norm), "num_examples": m,
+            "median": median if median is not None and np.isfinite(median) else None,
+            "robust_at_eps": float(np.mean(radius > eps)) if m else None,
+            "not_found": int(np.sum(np.isinf(radius))),
+            "radii": [float(f"{r:.6g}") if np.isfinite(r) else None for r in radius],
+            "seconds": time.perf_counter() - start,
+            "note": "radius 0: misclassified without perturbation; None: no adversarial point found"}
+
+
+def accuracy_at(radii, eps):
+    """Robust accuracy at each radius of `eps` read from per-example radii (None: not broken)."""
+    values = np.array([np.inf if r is None else r for r in radii])
+    return [float(np.mean(values > e)) for e in eps]

@@ -6,6 +6,7 @@ import numpy as np
 
 from rvs_tf import export
 from rvs_tf.checkpoints import replace_durably
+from rvs_tf.evaluate.ensemble import accuracy_at
 from rvs_tf.evaluate.specs import norm_label
 from rvs_tf.evaluate.statistics import format_rate
 
@@ -30,6 +31,8 @@ def format_summary(report):
              (" (an upper bound on robust accuracy: run --attacks=standard for a robustness figure)"
               if wc["is_upper_bound_only"] else ""))
     lines.append(f"{label}: {format_rate(wc)}")
+    if report.get("radius"):
+        lines.append(_radius_line(report))
     for c in report["sanity_checks"]:
         lines.append(f"check {c['name']}: {_status(c['passed'])} ({c['detail']})")
     found = report.get("precision") or {}
@@ -40,6 +43,15 @@ def format_summary(report):
                      + (f"; {found['note']}" if found.get("note") else ""))
     lines.append(f"{report['timing']['images_per_second']:.2f} images/s, {report['timing']['seconds']:.1f} s")
     return lines
+
+
+def _radius_line(report):
+    """One line on the per-example radii: median, robust accuracy read from them at eps, not found."""
+    r = report["radius"]
+    median = "none found for half or more" if r["median"] is None else f"{r['median']:.4g}"
+    return (f"radius ({r['attack']}, {r['num_examples']} examples): median {median}; accuracy read from the "
+            f"radii at eps={report['eps']:.4g}: {100 * r['robust_at_eps']:.1f}% (an upper bound); "
+            f"{r['not_found']} not broken at any radius")
 
 
 def _norm(report):
@@ -59,7 +71,7 @@ def write_outputs(report, output_dir, x, y, ensemble, runner):
     files = {"json": "report.json", "markdown": "report.md", "eps_plot": "accuracy_vs_eps.png",
              "examples": "examples.png"}
     report["files"] = {k: os.path.join(output_dir, v) for k, v in files.items()}
-    if report["eps_sweep"]:
+    if report["eps_sweep"] or report.get("radius"):
         _plot_sweep(report, report["files"]["eps_plot"])
     else:
         del report["files"]["eps_plot"]
@@ -85,6 +97,7 @@ def _markdown(report):
            f"**Worst case over {', '.join(wc['over'])}: {format_rate(wc)}** (95% Clopper-Pearson interval)"
            + (" - an upper bound only, not a robust accuracy." if wc["is_upper_bound_only"] else "."), "",
            f"Clean accuracy: {format_rate(report['clean'])}.", "",
+           *([_radius_line(report) + ".", ""] if report.get("radius") else []),
            "| attack | settings | evaluated on | accuracy [95% CI] | kind | newly broken | images/s |",
            "|---|---|---|---|---|---|---|"]
     for r in report["attacks"]:
@@ -107,15 +120,24 @@ def _plot_sweep(report, path):
     """Accuracy against eps, one curve per attack and the worst case."""
     from matplotlib.figure import Figure
 
-    sweep = report["eps_sweep"]
+    sweep, radius = report["eps_sweep"], report.get("radius")
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.add_subplot()
-    ax.plot(sweep["eps"], sweep["worst_case"], color="grey", lw=5, alpha=0.4, label="worst case")
-    for name, curve in sweep["accuracy"].items():
-        ax.plot(sweep["eps"], curve, marker="o", label=name)
+    titles = []
+    if sweep:
+        ax.plot(sweep["eps"], sweep["worst_case"], color="grey", lw=5, alpha=0.4, label="worst case")
+        for name, curve in sweep["accuracy"].items():
+            ax.plot(sweep["eps"], curve, marker="o", label=name)
+        titles.append(f"sweep: {sweep['num_examples']} examples")
+    if radius:
+        top = max(sweep["eps"]) if sweep else 2 * report["eps"]
+        grid = np.linspace(0.0, top, 200)
+        ax.step(grid, accuracy_at(radius["radii"], grid), where="post", color="black", lw=1.2,
+                label=f"from FMN radii (one run, {radius['num_examples']} examples)")
+        titles.append(f"radii: {radius['num_examples']}")
     ax.axvline(report["eps"], color="grey", lw=0.8)
     ax.set(xlabel=f"{_norm(report)} eps", ylabel="accuracy", ylim=(-0.02, 1.02),
-           title=f"accuracy against eps ({sweep['num_examples']} examples)")
+           title=f"accuracy against eps ({'; '.join(titles)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -188,7 +188,10 @@ class Runner:
 
     def _confirmed(self, spec, x, y, x_adv, eps_t, seed):
         """`x_adv` with every example the search broke but float32 still classifies correctly attacked
-        again in float32 (same seed); a point float32 misclassifies is kept as the break it is."""
+        again in float32 (same seed); a point float32 misclassifies is kept as the break it is. The
+        re-attack draws its random starts for those examples alone: for a randomised attack it is an
+        independent draw of the same float32 attack (re-running the whole batch would cost the search's
+        saving), for a deterministic one the float32 attack's own result."""
         if self._search is None or not len(y):
             return x_adv
         unconfirmed = self._search_wrong(x_adv, y).numpy() & (self.predict(x_adv).numpy() == y)

@@ -54,6 +54,10 @@ def _square_settings(p):
     return [f"{p.get('queries', 5000)} queries", f"p_init={p.get('p_init', 0.8)}", "loss=margin"]
 
 
+def _fmn_settings(p):
+    return [f"{p.get('steps', 100)} steps", "minimum norm", "loss=margin"]
+
+
 BOTH_NORMS = ("linf", "l2")
 KINDS = {kind.name: kind for kind in (
     AttackKind("fgsm", attacks_lib.fgsm, _fgsm_settings, standalone=True, seeded=False, single_step=True,
@@ -61,6 +65,7 @@ KINDS = {kind.name: kind for kind in (
     AttackKind("pgd", attacks_lib.pgd, _pgd_settings, standalone=True, norms=BOTH_NORMS),
     AttackKind("apgd", attacks_lib.apgd, _apgd_settings, norms=BOTH_NORMS),
     AttackKind("square", attacks_lib.square, _square_settings, white_box=False, norms=BOTH_NORMS),
+    AttackKind("fmn", attacks_lib.fmn, _fmn_settings, seeded=False, norms=BOTH_NORMS),
 )}
 
 
@@ -119,12 +124,15 @@ ATTACKS = {
     "apgd-dlr": attack_spec("APGD-DLR", "apgd", steps=100, loss="dlr"),
     "apgd-t": attack_spec("APGD-T", "apgd", steps=100, loss="dlr", targeted=True, num_targets=9),
     "square": attack_spec("Square", "square", queries=5000, p_init=0.8),
+    # The minimum-norm attack: in an ensemble, its smallest break where it lies within eps (AutoAttack's
+    # FAB-T plays this part); on its own, each example's radius (robustness_report's `radius`).
+    "fmn": attack_spec("FMN", "fmn", steps=100),
 }
 PRESETS = {
-    "standard": [ATTACKS[k] for k in ("fgsm", "pgd20", "apgd-ce", "apgd-t", "square")],
+    "standard": [ATTACKS[k] for k in ("fgsm", "pgd20", "apgd-ce", "apgd-t", "fmn", "square")],
     "quick": [ATTACKS["fgsm"], ATTACKS["pgd20"], attack_spec("APGD-CE", "apgd", steps=50, loss="ce"),
               attack_spec("APGD-T", "apgd", steps=50, loss="dlr", targeted=True, num_targets=3),
-              attack_spec("Square", "square", queries=1000, p_init=0.8)],
+              attack_spec("FMN", "fmn", steps=50), attack_spec("Square", "square", queries=1000, p_init=0.8)],
     "pgd20": [ATTACKS["fgsm"], ATTACKS["pgd20"]],
 }
 # The eps sweep runs each attack at several radii: the standard ensemble sweeps with the quick budgets.
@@ -154,6 +162,11 @@ def _named_specs(attacks):
         raise ValueError(f"attacks: expected a preset {sorted(PRESETS)} or a comma-separated list of "
                          f"{sorted(ATTACKS)}, got {attacks!r}")
     return [ATTACKS[a] for a in dict.fromkeys(names)]
+
+
+def minimum_norm_spec(specs):
+    """The ensemble's minimum-norm attack (the one whose kind is FMN), or None."""
+    return next((s for s in specs if s.kind.name == "fmn"), None)
 
 
 def check_norm(specs, norm):
