@@ -5,6 +5,10 @@ NaturalModel at the same budget, and the authors' recipe on deep BN networks und
   python benchmarks/bn_classifiers.py --rows=cnn_bn.natural,cnn_bn.rvs
   python benchmarks/bn_classifiers.py --report_only    # rebuild BN_CLASSIFIERS.md from the stored rows
 
+Archs: cnn (the default small CNN, no BatchNorm: the reference, not a default row), cnn_bn, gap_bn,
+preact_resnet18, wrn_16_4. `--results_dir` keeps exploratory rows (and their REPORT.md) out of
+BN_CLASSIFIERS.md.
+
 Data: Fashion-MNIST (Debian's IDX files), 28x28 for the small models; padded to 32x32 and repeated to
 3 channels for PreAct-ResNet-18 and WRN-16-4, which is offline and has CIFAR's shape. Each row trains
 for --steps steps of batch --batch_size in bfloat16 where the CPU has it (`--precision=auto`), records
@@ -30,15 +34,17 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "bn_classifiers")
-ARCHS = ("cnn_bn", "gap_bn", "preact_resnet18", "wrn_16_4")
+ARCHS = ("cnn", "cnn_bn", "gap_bn", "preact_resnet18", "wrn_16_4")
 RECIPES = ("natural", "rvs", "rvs_absolute", "authors")
 # The authors' recipe only where it is theirs: deep BN networks on 32x32 colour images.
-DEFAULT_ROWS = [f"{arch}.{recipe}" for arch in ARCHS for recipe in RECIPES
+DEFAULT_ROWS = [f"{arch}.{recipe}" for arch in ARCHS[1:] for recipe in RECIPES
                 if recipe != "authors" or arch in ("preact_resnet18", "wrn_16_4")]
 
 
 def classifier(arch):
     from rvs_tf import models
+    if arch == "cnn":  # the default small CNN (no BatchNorm): the reference the shares are read against
+        return models.small_cnn((28, 28, 1), 10)
     if arch == "cnn_bn":
         return models.small_cnn((28, 28, 1), 10, batch_norm=True)
     if arch == "gap_bn":  # the Keras user's classifier of the tests: conv-BN blocks, GAP, BN + ReLU embedding
@@ -138,7 +144,7 @@ def run_row(row, args):
 
 def report():
     rows = {}
-    for name in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+    for name in [n for n in sorted(os.listdir(RESULTS)) if n.endswith(".json")] if os.path.isdir(RESULTS) else []:
         with open(os.path.join(RESULTS, name)) as f:
             result = json.load(f)
         rows[result["row"]] = result
@@ -165,7 +171,8 @@ def report():
         lines.append(f"| {row} | {r['steps']} x {r['batch_size']} | {r['precision']} | {percent(clean)} | {gap} | "
                      f"{percent(r.get('pgd20_accuracy'))} | {percent(float(np.mean(accuracy[-50:])))} | "
                      f"{ot_text} | {stop} | {r['train_seconds']:.0f} |")
-    with open(os.path.join(HERE, "BN_CLASSIFIERS.md"), "w") as f:
+    default = os.path.abspath(RESULTS) == os.path.join(HERE, "results", "bn_classifiers")
+    with open(os.path.join(HERE, "BN_CLASSIFIERS.md") if default else os.path.join(RESULTS, "REPORT.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -180,7 +187,10 @@ def main():
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--force", action="store_true", help="rerun rows that have a result")
+    parser.add_argument("--results_dir", default=os.path.join(HERE, "results", "bn_classifiers"), help="where the rows are kept (and read by the "
+                        "report): another folder keeps exploratory runs out of BN_CLASSIFIERS.md")
     args = parser.parse_args()
+    globals()["RESULTS"] = args.results_dir
     if not args.report_only:
         os.makedirs(RESULTS, exist_ok=True)
         for row in args.rows.split(","):

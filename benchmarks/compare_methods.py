@@ -210,6 +210,8 @@ def save_summary(name, folder, options):
         "report": {key: report[key] for key in ("clean", "worst_case", "attacks", "sanity_checks", "eps")
                    if key in report},
     }
+    if report.get("radius"):  # FMN's per-example radii: the summary keeps their statistics, not the list
+        summary["report"]["radius"] = {k: v for k, v in report["radius"].items() if k != "radii"}
     os.makedirs(results_dir(options.budget), exist_ok=True)
     with open(os.path.join(results_dir(options.budget), f"{name}.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1, sort_keys=True, default=str)
@@ -285,8 +287,12 @@ def write_results(options):
         lines += [f"Ensemble: {attack_names}.", ""]
     lines += ["# The short budget: 3 epochs of 150 steps (about one pass over the data)", ""]
     for threat in sorted({row_threat(name) for name in ROWS}, key=lambda t: (t[0] != "linf", t[1])):
-        lines += [f"## {threat_text(threat)}", "",
-                  "| row | clean | PGD-20 | worst case (ensemble) | s/epoch | step x nat. | CO | flags |",
+        lines += [f"## {threat_text(threat)}", ""]
+        section = next((done[n]["report"] for n in ROWS if n in done and row_threat(n) == threat), None)
+        if section and first and [a["name"] for a in section["attacks"]] != [a["name"] for a in first["attacks"]]:
+            lines += ["Ensemble of this section: " + "; ".join(
+                f"{a['description']} [{a['accuracy_kind']}]" for a in section["attacks"]) + ".", ""]
+        lines += ["| row | clean | PGD-20 | worst case (ensemble) | s/epoch | step x nat. | CO | flags |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, (flags, what) in ROWS.items():
             if row_threat(name) != threat or name in LONG_ONLY:
@@ -303,6 +309,12 @@ def write_results(options):
             lines.append(f"| {name}: {what} | {interval(report['clean'])} | {interval(pgd) if pgd else ''} | "
                          f"**{interval(report['worst_case'])}** | {row['seconds_per_epoch']:.0f} | "
                          f"{ratio:.2f}{'' if source == 'step' else '*'} | {co_text} | `{' '.join(flags)}` |")
+        radii = [(n, done[n]["report"]["radius"]) for n in ROWS
+                 if n in done and row_threat(n) == threat and done[n]["report"].get("radius")]
+        if radii:
+            lines += ["", "Median radius (FMN, smallest breaking perturbation found, every clean-correct test "
+                      "image; misclassified images count 0): " + "; ".join(
+                          f"{n} {r['median']:.3g}" if r["median"] is not None else f"{n} -" for n, r in radii) + "."]
         lines.append("")
     lines += seed_spread(done)
     lines += ["", "Sanity checks (from each report):", ""]
@@ -355,9 +367,13 @@ def long_budget_section(options):
                      f"{row.get('best_epoch')} | {f'{best - curve[-1][2]:.1f}' if curve else '?'} | "
                      f"{row['seconds_per_epoch']:.0f} | "
                      f"{co} | {precision} |")
-    lines += ["", "Validation curves (epoch: PGD-10 % (clean %)):", ""]
+    lines += ["", "Validation curves (epoch: PGD-10 % / FGSM % (clean %)):", ""]
     for name, row in done.items():
-        lines.append(f"- {name}: " + ", ".join(f"{e}: {p:.1f} ({c:.1f})" for e, c, p in _curve(row)))
+        fgsm = {int(e): 100 * logs["val_fgsm_accuracy"] for e, logs in row.get("validation", {}).items()
+                if "val_fgsm_accuracy" in logs}
+        lines.append(f"- {name}: " + ", ".join(
+            f"{e}: {p:.1f} / {fgsm[e]:.1f} ({c:.1f})" if e in fgsm else f"{e}: {p:.1f} ({c:.1f})"
+            for e, c, p in _curve(row)))
     lines += seed_spread(done)
     if done:
         plot_front_over_time(done)

@@ -594,11 +594,17 @@ def _fmn_run(model, x, y, target, norm, steps, alphas, gammas):
         alpha = alpha_final + (alpha_init - alpha_final) * cosine
         gamma = gamma_final + (gamma_init - gamma_final) * cosine
         excess, g, adversarial = evaluate(delta)
+        # Only the directions the box leaves open: a pixel at 0 (1) cannot move down (up). Without this a
+        # gradient concentrated on black background pixels would be clipped away after every step.
+        point = x + delta
+        g = tf.where(((point <= 0.0) & (g < 0.0)) | ((point >= 1.0) & (g > 0.0)), tf.zeros_like(g), g)
         best_x, best_norm, length = record(delta, adversarial, best_x, best_norm)
         found |= adversarial
         # Before the first adversarial point: just past the linearised boundary (a step that lands on it
-        # exactly would stay there, short by rounding, on a locally linear model).
+        # exactly would stay there, short by rounding, on a locally linear model), and never less than
+        # (1 + gamma) times the last radius, so a curved boundary is reached all the same.
         boundary = (length + tf.abs(excess) / tf.maximum(_dual_norm(g, norm), 1e-12)) * (1.0 + gamma)
+        boundary = tf.where(tf.math.is_finite(radius), tf.maximum(boundary, radius * (1.0 + gamma)), boundary)
         radius = tf.where(adversarial, tf.minimum(radius * (1.0 - gamma), best_norm),
                           tf.where(found, radius * (1.0 + gamma), boundary))
         radius = tf.minimum(radius, largest)
