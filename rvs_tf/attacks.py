@@ -581,7 +581,8 @@ def _fmn_run(model, x, y, target, norm, steps, alphas, gammas):
         threshold = _clear_margin(logits)
         # How far past (> 0) or short of (<= 0) a clear misclassification (toward the target) the point is.
         adversarial = margin_loss(logits, y) > threshold
-        return margin - threshold, tape.gradient(margin, delta), adversarial
+        return (margin - threshold,
+                tape.gradient(margin, delta, unconnected_gradients=tf.UnconnectedGradients.ZERO), adversarial)
 
     def record(delta, adversarial, best_x, best_norm):
         length = size(delta)
@@ -640,8 +641,9 @@ def minimum_norm(model, x, y, *, norm="linf", steps=100, num_targets=0, alpha_in
     classes with the highest clean logits other than the true one (as FAB-T and APGD-T do), on every
     example, and keeps the smallest break of all runs.
 
-    radius is 0 where x is already misclassified and inf where no adversarial point was found; x_adv is
-    the smallest adversarial point found (x where none). radius bounds the true minimal radius from above.
+    radius is 0 where x is already clearly misclassified and inf where no adversarial point was found;
+    x_adv is the smallest adversarial point found (x where none). radius bounds the true minimal radius
+    from above.
     """
     check_int("steps", steps, 1)
     check_int("num_targets", num_targets, 0)

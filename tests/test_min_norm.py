@@ -97,9 +97,22 @@ def test_linf_radius_where_the_box_binds():
     assert max(np.abs(logits).max(), np.abs(model(x_adv)).max()) < 1  # the clear margin is 0.01 throughout
     assert np.all(radius[reachable] >= exact[reachable] * (1 - 1e-4))
     np.testing.assert_allclose(radius[reachable], exact[reachable], rtol=0.01)
-    assert np.all(radius <= untargeted.numpy())
-    assert np.all(np.isinf(radius[~reachable]))  # what no point of the box breaks stays unbroken
     assert x_adv.numpy().min() >= 0.0 and x_adv.numpy().max() <= 1.0
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_what_no_point_of_the_box_breaks_stays_unbroken(norm):
+    """Two classes and a bias larger than anything the weights can take away inside [0, 1]^d: no point of
+    the box changes the label, so the radius is inf and the point returned is the image itself."""
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(D, 2)).astype(np.float32)
+    b = np.array([np.abs(w[:, 0] - w[:, 1]).sum() + 0.5, 0.0], np.float32)
+    model = lambda x: tf.matmul(tf.reshape(x, [-1, D]), w) + b  # noqa: E731
+    x = rng.uniform(0, 1, size=(8, 4, 5, 1)).astype(np.float32)
+    y = np.zeros(8, np.int64)
+    x_adv, radius = attacks.minimum_norm(model, x, y, norm=norm, steps=50, num_targets=1)
+    assert np.all(np.isinf(radius.numpy()))
+    np.testing.assert_array_equal(x_adv.numpy(), x)
 
 
 def test_l2_radius_where_the_pull_is_on_black_pixels():

@@ -40,7 +40,8 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     dataset: tf.data.Dataset of (images in [0, 1], integer labels), batched or not, or an (x, y) pair; the
     first `num_examples` are held in memory. attacks: see the module docstring. sweep_eps: radii of the
     accuracy-against-eps curve (default eps/2, eps, 2*eps and LARGE_EPS); sweep_examples=0 skips it;
-    sweep_attacks: the attacks of the sweep (default: the "quick" budgets for "standard", else `attacks`).
+    sweep_attacks: the attacks of the sweep (default: the "quick" budgets for "standard", else `attacks`,
+      without the minimum-norm attack, whose curve the radii give).
     output_dir: where report.json, report.md, accuracy_vs_eps.png and examples.png go (None: no files).
     dataset_name: recorded in the report (default: the model's metadata).
     tolerance: slack, as a fraction of examples, allowed by the sanity checks (at least one example).
@@ -75,6 +76,8 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     specs = specs_lib.resolve_attacks(attacks)
     sweep_specs = specs_lib.resolve_attacks(
         sweep_attacks if sweep_attacks is not None else specs_lib.SWEEP_PRESETS.get(preset, attacks))
+    if sweep_attacks is None:  # the radii draw the minimum-norm attack's curve from one run, not one per eps
+        sweep_specs = [s for s in sweep_specs if s.kind.name != "fmn"] or sweep_specs
     for chosen in (specs, sweep_specs):
         specs_lib.check_norm(chosen, norm)
     eps = float(eps)

@@ -55,7 +55,8 @@ def _square_settings(p):
 
 
 def _fmn_settings(p):
-    return [f"{p.get('steps', 100)} steps", "minimum norm", "loss=margin"]
+    targets = [f"{p['num_targets']} targets"] if p.get("num_targets") else []
+    return [f"{p.get('steps', 100)} steps", *targets, "minimum norm", "loss=margin"]
 
 
 BOTH_NORMS = ("linf", "l2")
