@@ -19,6 +19,8 @@ Only `small_cnn` models (per-image standardisation, conv-ReLU blocks, max poolin
 are ported.
 """
 import argparse
+import glob
+import json
 import os
 import time
 
@@ -110,6 +112,11 @@ def attack(options):
 
     robust = predict(x) == y
     print(f"clean: {robust.float().mean() * 100:.2f}% of {len(y)}", flush=True)
+    if options.robust_in:  # start from a set of survivors (e.g. another run's, or rvs-evaluate's state)
+        given = torch.tensor(np.load(options.robust_in)[:len(y)])
+        print(f"starting from {options.robust_in}: {int(given.sum())} examples, of which "
+              f"{int((given & robust).sum())} classified correctly here", flush=True)
+        robust &= given
     eps, norm = options.eps, options.norm
     attacks = [
         ("APGD-CE 100", torchattacks.APGD(model, norm=norm, eps=eps, steps=100, loss="ce", seed=0)),
@@ -119,6 +126,12 @@ def attack(options):
                                                   multi_targeted=True, seed=0)),
         ("Square 5000", torchattacks.Square(model, norm=norm, eps=eps, n_queries=5000, seed=0)),
     ]
+
+    chosen = options.attacks.split(",")
+    unknown = sorted(set(chosen) - {"apgd-ce", "apgd-t", "fab-t", "square"})
+    if unknown:
+        raise SystemExit(f"--attacks: unknown {unknown}; expected some of apgd-ce, apgd-t, fab-t, square")
+    attacks = [a for a, key in zip(attacks, ("apgd-ce", "apgd-t", "fab-t", "square")) if key in chosen]
 
     def size(delta):  # per example, in the attack's norm
         flat = delta.flatten(1)
@@ -141,11 +154,30 @@ def attack(options):
         np.save(options.robust_out, robust.numpy())
 
 
+def _state_attacks(folder):
+    """rvs-evaluate's state: each attack's index (the examples it attacked and those it broke), in order."""
+
+    return [json.load(open(os.path.join(d, "index.json"), encoding="utf-8"))
+            for d in sorted(glob.glob(os.path.join(folder, "[0-9][0-9]-*")))]
+
+
+def state_mask(options):
+    """The examples rvs-evaluate left standing after `--after` (and every attack before it), as a mask."""
+    robust = np.zeros(options.num_examples, bool)
+    attacks = _state_attacks(options.state_dir)
+    robust[attacks[0]["examples"]] = True  # the first attack runs on every correctly classified example
+    for index in attacks:
+        robust[index["broken"]] = False
+        if index["attack"] == options.after:
+            break
+    else:
+        raise SystemExit(f"--after: no attack {options.after!r} in {options.state_dir}")
+    np.save(options.out, robust)
+    print(f"wrote {options.out}: {int(robust.sum())} of {options.num_examples} standing after {options.after}")
+
+
 def compare(options):
     """Per example: what each implementation broke that the other did not, and the worst case of both."""
-    import glob
-    import json
-
     masks = np.load(options.robust)
     masks = {"model": masks} if isinstance(masks, np.ndarray) else dict(masks)
     print("| model | rvs_tf ensemble | AutoAttack (torchattacks) | broken by rvs_tf only | by AutoAttack only "
@@ -153,8 +185,7 @@ def compare(options):
     print("|---|---|---|---|---|---|")
     for name, theirs in sorted(masks.items()):
         folder = options.state_dirs.format(name=name)
-        attacks = [json.load(open(os.path.join(d, "index.json"), encoding="utf-8"))
-                   for d in sorted(glob.glob(os.path.join(folder, "[0-9][0-9]-*")))]
+        attacks = _state_attacks(folder)
         if not attacks:
             print(f"| {name} | (no state in {folder}) | {100 * theirs.mean():.1f} | | | |")
             continue
@@ -180,11 +211,18 @@ def main():
     run.add_argument("--num_examples", type=int, default=10000)
     run.add_argument("--batch_size", type=int, default=2500)
     run.add_argument("--robust_out", default=None, help="where to save the per-example robust mask (.npy)")
+    run.add_argument("--robust_in", default=None, help="attack only these examples (a robust mask, .npy)")
+    run.add_argument("--attacks", default="apgd-ce,apgd-t,fab-t,square", help="which of AutoAttack's four")
+    mask = sub.add_parser("state_mask")
+    mask.add_argument("--state_dir", required=True, help="rvs-evaluate's state folder")
+    mask.add_argument("--after", required=True, help="the attack (e.g. APGD-T) whose survivors to keep")
+    mask.add_argument("--num_examples", type=int, required=True)
+    mask.add_argument("--out", required=True)
     both = sub.add_parser("compare")
     both.add_argument("--robust", required=True, help="attack's --robust_out: one .npy, or an .npz of several")
     both.add_argument("--state_dirs", required=True, help="rvs-evaluate's state folder; {name}: the .npz key")
     options = parser.parse_args()
-    {"export": export, "attack": attack, "compare": compare}[options.command](options)
+    {"export": export, "attack": attack, "compare": compare, "state_mask": state_mask}[options.command](options)
 
 
 if __name__ == "__main__":
