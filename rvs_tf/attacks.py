@@ -680,13 +680,15 @@ def minimum_norm(model, x, y, *, norm="linf", steps=100, num_targets=0, alpha_in
 
 
 @_graph_ready
-def fmn(model, x, y, *, eps, norm="linf", steps=100, num_targets=0, alpha_init=1.0, gamma_init=0.05):
+def fmn(model, x, y, *, eps, norm="linf", steps=100, num_targets=0, alpha_init=1.0, alpha_final=None,
+        gamma_init=0.05, gamma_final=0.001):
     """FMN (see `minimum_norm`) as an attack at radius eps: each example's smallest adversarial point
     where it lies within eps, x elsewhere. In an ensemble it adds what a minimum-norm search finds near
     the boundary (AutoAttack's FAB-T plays this part)."""
     _check_eps(eps)
     x_adv, radius = minimum_norm(model, x, y, norm=norm, steps=steps, num_targets=num_targets,
-                                 alpha_init=alpha_init, gamma_init=gamma_init)
+                                 alpha_init=alpha_init, alpha_final=alpha_final, gamma_init=gamma_init,
+                                 gamma_final=gamma_final)
     x = tf.cast(tf.convert_to_tensor(x), tf.float32)
     inside = radius <= tf.cast(eps, tf.float32)
     return tf.where(_per_example(inside, x), x_adv, x)

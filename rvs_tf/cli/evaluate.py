@@ -53,7 +53,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the attacks' random starts and proposal
 flags.DEFINE_integer("sweep_examples", 100, "Examples of the accuracy-against-eps sweep (0 skips it).")
 flags.DEFINE_integer("radius_examples", None, "Examples whose radius (smallest breaking perturbation) the "
                      "minimum-norm attack FMN finds, in one run: median radius and accuracy against eps "
-                     "(default: every example under --attacks=standard or quick, none under others; 0 skips).")
+                     "(default: every example when --attacks includes FMN, as standard and quick do, none otherwise; "
+                     "0 skips).")
 flags.DEFINE_bool("cascade", True, "Attack only examples no earlier attack broke (as AutoAttack).")
 flags.DEFINE_string("state_dir", None, "Where each attack's finished batches are kept, so rerunning the "
                     "same command resumes (default: <output_dir>/state, replaced when the command differs; "
