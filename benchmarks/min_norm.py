@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from rvs_tf import attacks, evaluate  # noqa: E402
+from rvs_tf import attacks, evaluate, min_norm  # noqa: E402
 from rvs_tf.data import make_eval_dataset  # noqa: E402
 from rvs_tf.evaluate.runner import materialise  # noqa: E402
 
@@ -53,7 +53,7 @@ def measure(path, num_examples, batch_size, targets, steps):
     for k in targets:
         t0 = time.perf_counter()
         idx = np.flatnonzero(correct)
-        run = tf.function(lambda a, b, k=k: attacks.minimum_norm(model, a, b, norm=norm, steps=steps,
+        run = tf.function(lambda a, b, k=k: min_norm.minimum_norm(model, a, b, norm=norm, steps=steps,
                                                                   num_targets=k))
         x_adv, radius_found = batched(run, x[idx], y[idx], batch_size)
         radius = np.zeros(len(y))

@@ -16,6 +16,7 @@ import math
 import numbers
 from typing import NamedTuple, Union
 
+import numpy as np
 import tensorflow as tf
 
 NORMS = ("linf", "l2")
@@ -53,7 +54,15 @@ def _per_example_norm(t, norm):
     axes = list(range(1, t.shape.rank))
     if norm == "linf":
         return tf.reduce_max(tf.abs(t), axis=axes, keepdims=True)
+    if norm == "l1":  # only as a dual norm (ThreatModel.dual_size)
+        return tf.reduce_sum(tf.abs(t), axis=axes, keepdims=True)
     return tf.sqrt(tf.reduce_sum(tf.square(t), axis=axes, keepdims=True))
+
+
+def per_example_size(delta, norm):
+    """NumPy twin of ThreatModel.size for arrays [B, ...] -> [B]: each example's norm of delta."""
+    flat = delta.reshape(len(delta), int(np.prod(delta.shape[1:])))  # -1 cannot be inferred for 0 examples
+    return np.abs(flat).max(1, initial=0.0) if norm == "linf" else np.linalg.norm(flat, axis=1)
 
 
 class ThreatModel(NamedTuple):
@@ -77,6 +86,11 @@ class ThreatModel(NamedTuple):
     def size(self, delta):
         """Per-example norm of `delta`, shape [B, 1, ...] (broadcasts against delta)."""
         return _per_example_norm(delta, self.norm)
+
+    def dual_size(self, g):
+        """Per-example dual norm of a gradient g, shape [B, 1, ...]: L1 for L-inf, L2 for L2, so that
+        |margin| / dual_size(grad margin) is the linearised distance to the boundary in this norm."""
+        return _per_example_norm(g, "l1" if self.norm == "linf" else "l2")
 
     def project(self, delta):
         """The nearest perturbation of norm at most eps."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rvs_tf import attacks
+from rvs_tf import attacks, min_norm
 
 SHAPE = (6, 6, 1)
 DIM = int(np.prod(SHAPE))
@@ -148,7 +148,7 @@ def test_every_attack_stays_in_the_ball_inside_tf_function(tiny_cnn, name):
            "apgd-t": lambda x, y, e: attacks.apgd(model, x, y, eps=e, steps=4, loss="dlr", targeted=True,
                                                   num_targets=3),
            "square": lambda x, y, e: attacks.square(model, x, y, eps=e, queries=30),
-           "fmn": lambda x, y, e: attacks.fmn(model, x, y, eps=e, steps=20)}[name]
+           "fmn": lambda x, y, e: min_norm.fmn(model, x, y, eps=e, steps=20)}[name]
     compiled = tf.function(run)
     for eps in (0.03, 0.2):  # eps as a tensor: one trace for both
         x_adv = compiled(tf.constant(x), tf.constant(y), tf.constant(eps))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rvs_tf import attacks, evaluate
+from rvs_tf import evaluate, min_norm
 from rvs_tf.attacks import CLEAR_MARGIN
 from rvs_tf.evaluate import attack_spec
 
@@ -66,7 +66,7 @@ def test_radius_of_a_linear_model_is_the_closed_form(norm):
     exact = closed_form(x, logits, y, w, norm)
     free = exact < 0.3  # the box cannot bind: every pixel is at least 0.3 from 0 and 1
     assert free.sum() > 100
-    x_adv, radius = attacks.minimum_norm(model, x, y, norm=norm, steps=100)
+    x_adv, radius = min_norm.minimum_norm(model, x, y, norm=norm, steps=100)
     radius = radius.numpy()[free]
     # Never below the true minimum (the points are adversarial), and within 1% of it.
     assert np.all(radius >= exact[free] * (1 - 1e-4))
@@ -90,9 +90,9 @@ def test_linf_radius_where_the_box_binds():
     reachable = np.isfinite(exact)
     # Untargeted, it follows the class closest now, which the box may block: never below the true radius,
     # sometimes above it. With a run toward every other class it finds the true radius.
-    _, untargeted = attacks.minimum_norm(model, x, y, norm="linf", steps=100)
+    _, untargeted = min_norm.minimum_norm(model, x, y, norm="linf", steps=100)
     assert np.all(untargeted.numpy()[reachable] >= exact[reachable] * (1 - 1e-4))
-    x_adv, radius = attacks.minimum_norm(model, x, y, norm="linf", steps=100, num_targets=K - 1)
+    x_adv, radius = min_norm.minimum_norm(model, x, y, norm="linf", steps=100, num_targets=K - 1)
     radius = radius.numpy()
     assert max(np.abs(logits).max(), np.abs(model(x_adv)).max()) < 1  # the clear margin is 0.01 throughout
     assert np.all(radius[reachable] >= exact[reachable] * (1 - 1e-4))
@@ -110,7 +110,7 @@ def test_what_no_point_of_the_box_breaks_stays_unbroken(norm):
     model = lambda x: tf.matmul(tf.reshape(x, [-1, D]), w) + b  # noqa: E731
     x = rng.uniform(0, 1, size=(8, 4, 5, 1)).astype(np.float32)
     y = np.zeros(8, np.int64)
-    x_adv, radius = attacks.minimum_norm(model, x, y, norm=norm, steps=50, num_targets=1)
+    x_adv, radius = min_norm.minimum_norm(model, x, y, norm=norm, steps=50, num_targets=1)
     assert np.all(np.isinf(radius.numpy()))
     np.testing.assert_array_equal(x_adv.numpy(), x)
 
@@ -138,10 +138,10 @@ def test_l2_radius_where_the_pull_is_on_black_pixels():
             need = logits[i, y[i]] - logits[i, j] + clear(logits[i])
             exact[i] = min(exact[i], need / np.linalg.norm(movable))
     assert np.all(exact < 0.38)  # small enough that no other pixel reaches 0 or 1
-    _, untargeted = attacks.minimum_norm(model, x, y, norm="l2", steps=100)
+    _, untargeted = min_norm.minimum_norm(model, x, y, norm="l2", steps=100)
     assert np.all(np.isfinite(untargeted.numpy()))
     assert np.all(untargeted.numpy() >= exact * (1 - 1e-4))
-    _, radius = attacks.minimum_norm(model, x, y, norm="l2", steps=100, num_targets=K - 1)
+    _, radius = min_norm.minimum_norm(model, x, y, norm="l2", steps=100, num_targets=K - 1)
     np.testing.assert_allclose(radius.numpy(), exact, rtol=0.01)
 
 
@@ -154,7 +154,7 @@ def test_at_a_radius_it_breaks_what_is_within_reach_and_stays_in_the_ball(norm, 
     y = logits.argmax(1)
     y[:4] = (y[:4] + 1) % K  # misclassified already: radius 0
     exact = closed_form(x, model(x).numpy(), logits.argmax(1), w, norm)
-    x_adv = attacks.fmn(model, x, y, eps=eps, norm=norm, steps=100).numpy()
+    x_adv = min_norm.fmn(model, x, y, eps=eps, norm=norm, steps=100).numpy()
     delta = (x_adv - x).reshape(len(x), -1)
     size = np.abs(delta).max(1) if norm == "linf" else np.linalg.norm(delta, axis=1)
     assert np.all(size <= eps * (1 + 1e-5)) and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
@@ -169,13 +169,13 @@ def test_bad_arguments_are_named():
     model, _, _ = linear_model(0)
     x, y = np.full((2, 4, 5, 1), 0.5, np.float32), np.array([0, 1])
     with pytest.raises(ValueError, match="steps"):
-        attacks.minimum_norm(model, x, y, steps=0)
+        min_norm.minimum_norm(model, x, y, steps=0)
     with pytest.raises(ValueError, match=r"gamma_init: expected a number in \(0, 1\)"):
-        attacks.minimum_norm(model, x, y, gamma_init=1.5)
+        min_norm.minimum_norm(model, x, y, gamma_init=1.5)
     with pytest.raises(ValueError, match="alpha_init: expected a number > 0"):
-        attacks.minimum_norm(model, x, y, alpha_init=0)
+        min_norm.minimum_norm(model, x, y, alpha_init=0)
     with pytest.raises(ValueError, match="norm: expected one of linf, l2"):
-        attacks.minimum_norm(model, x, y, norm="l1")
+        min_norm.minimum_norm(model, x, y, norm="l1")
 
 
 def test_report_reads_robust_accuracy_against_eps_from_the_radii(tmp_path):

@@ -4,7 +4,9 @@ import time
 
 import numpy as np
 
+from rvs_tf.evaluate import specs as specs_lib
 from rvs_tf.evaluate.statistics import rate
+from rvs_tf.threat_model import per_example_size
 
 
 @dataclasses.dataclass
@@ -95,24 +97,28 @@ def sweep(runner, specs, x, y, correct, sweep_eps, sweep_examples, large_eps):
             "note": "each attack on its own (no cascade); eps 0 is clean accuracy"}
 
 
-def radii(runner, spec, x, y, correct, examples, largest, eps):
-    """Each example's radius, in one run of the minimum-norm attack `spec` on the first `examples`
-    examples: the norm of the smallest perturbation it found that the model misclassifies (0 where the
+def radii(runner, specs, x, y, correct, examples, largest, eps):
+    """Each example's radius, in one run of the ensemble's minimum-norm attack (FMN of `specs`, else FMN
+    with 100 steps) on the first `examples` examples (None: all when `specs` has FMN, else none; 0: none
+    -> None): the norm of the smallest perturbation it found that the model misclassifies (0 where the
     clean image already is, None where it found none). Robust accuracy at any radius r is then the
     fraction of radii above r (an upper bound, as each radius bounds the true one from above)."""
+    spec = specs_lib.minimum_norm_spec(specs)
+    examples = (len(y) if spec is not None else 0) if examples is None else examples
+    if not examples:
+        return None
+    spec = spec or specs_lib.ATTACKS["fmn"]
     start = time.perf_counter()
     m = min(examples, len(y))
     idx = np.flatnonzero(correct[:m])
     x_adv, wrong = runner.attack(spec, x[idx], y[idx], largest, f"radius: {spec.settings(runner.norm)}, "
                                  f"{len(idx)} images", tag=f"radius {spec.name}")
-    delta = (x_adv - x[idx]).reshape(len(idx), -1)
-    size = np.abs(delta).max(1, initial=0.0) if runner.norm == "linf" else np.linalg.norm(delta, axis=1)
     radius = np.zeros(m)
-    radius[idx] = np.where(wrong, size, np.inf)
-    median = float(np.median(radius)) if m else None
+    radius[idx] = np.where(wrong, per_example_size(x_adv - x[idx], runner.norm), np.inf)
+    median = float(np.median(radius))
     return {"attack": spec.settings(runner.norm), "num_examples": m,
-            "median": median if median is not None and np.isfinite(median) else None,
-            "robust_at_eps": float(np.mean(radius > eps)) if m else None,
+            "median": median if np.isfinite(median) else None,
+            "robust_at_eps": accuracy_at(radius, [eps])[0],
             "not_found": int(np.sum(np.isinf(radius))),
             "radii": [float(f"{r:.6g}") if np.isfinite(r) else None for r in radius],
             "seconds": time.perf_counter() - start,
@@ -120,6 +126,6 @@ def radii(runner, spec, x, y, correct, examples, largest, eps):
 
 
 def accuracy_at(radii, eps):
-    """Robust accuracy at each radius of `eps` read from per-example radii (None: not broken)."""
-    values = np.array([np.inf if r is None else r for r in radii])
+    """Robust accuracy at each radius of `eps` read from per-example radii (None or inf: not broken)."""
+    values = np.array([np.inf if r is None else r for r in radii], dtype=float)
     return [float(np.mean(values > e)) for e in eps]

@@ -66,9 +66,8 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     ensemble has none.
     """
     norm = parse_norm(norm)
-    _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir)
-    if radius_examples is not None:
-        check_int("radius_examples", radius_examples, 0)
+    _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir,
+              radius_examples)
     if eps_warning(norm, eps):
         warnings.warn(eps_warning(norm, eps), ThreatModelWarning, stacklevel=2)
     strategy = resolve_strategy(strategy)
@@ -102,11 +101,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     found = ensemble.run_ensemble(runner, specs, x, y, eps, cascade, state)
     sweep = (ensemble.sweep(runner, sweep_specs, x, y, found.correct, sweep_eps, sweep_examples, large_eps)
              if sweep_examples else None)
-    radius_spec = specs_lib.minimum_norm_spec(specs)
-    if radius_examples is None:
-        radius_examples = len(y) if radius_spec is not None else 0
-    radius = (ensemble.radii(runner, radius_spec or specs_lib.ATTACKS["fmn"], x, y, found.correct, radius_examples,
-                             largest, eps) if radius_examples else None)
+    radius = ensemble.radii(runner, specs, x, y, found.correct, radius_examples, largest, eps)
     # A resumed evaluation counts the time its killed runs spent on the batches it restored.
     seconds, n = time.perf_counter() - start + sum(r["seconds_in_earlier_runs"] for r in found.rows), len(y)
     report = {
@@ -136,7 +131,8 @@ def _worst_case(found, specs, n):
             "is_upper_bound_only": specs_lib.is_upper_bound_only(specs)}
 
 
-def _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir):
+def _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, tolerance, state_dir,
+              radius_examples):
     """Refuse bad arguments before loading anything."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a number >= 0 ({norm} radius for images in [0, 1]), got {eps!r}")
@@ -148,6 +144,8 @@ def _validate(eps, norm, batch_size, sweep_examples, seed, num_examples, toleran
     check_int("seed", seed, 0)
     if num_examples is not None:
         check_int("num_examples", num_examples, 1)
+    if radius_examples is not None:
+        check_int("radius_examples", radius_examples, 0)
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance: expected a number in [0, 1), got {tolerance!r}")
     if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from rvs_tf import attacks as attacks_lib
 from rvs_tf.evaluate.shards import Shards
-from rvs_tf.threat_model import parse_norm
+from rvs_tf.threat_model import parse_norm, per_example_size
 
 
 def materialise(dataset, num_examples):
@@ -235,8 +235,7 @@ class Runner:
                 state.save([(b, out, self.labels(out) != y[i:i + size]) for (b, i), out in zip(group, outs)])
             if bar is not None:
                 bar.update(min(group[-1][1] + size, n))
-        delta = (x_adv - x).reshape(n, int(np.prod(x.shape[1:])))
-        excess = np.max(np.abs(delta) if self.norm == "linf" else np.linalg.norm(delta, axis=1), initial=0.0)
+        excess = np.max(per_example_size(x_adv - x, self.norm), initial=0.0)
         if excess > eps * (1 + 1e-5) + 1e-5 or (n and (x_adv.min() < 0.0 or x_adv.max() > 1.0)):
             raise RuntimeError(f"{spec.name}: expected images inside the {self.norm} eps-ball and [0, 1], got "
                                f"a perturbation of {self.norm} norm {excess} at eps {eps}; this is a bug in "

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Callable
 
 from rvs_tf import attacks as attacks_lib
+from rvs_tf import min_norm
 from rvs_tf.threat_model import parse_norm
 
 
@@ -66,7 +67,7 @@ KINDS = {kind.name: kind for kind in (
     AttackKind("pgd", attacks_lib.pgd, _pgd_settings, standalone=True, norms=BOTH_NORMS),
     AttackKind("apgd", attacks_lib.apgd, _apgd_settings, norms=BOTH_NORMS),
     AttackKind("square", attacks_lib.square, _square_settings, white_box=False, norms=BOTH_NORMS),
-    AttackKind("fmn", attacks_lib.fmn, _fmn_settings, seeded=False, norms=BOTH_NORMS),
+    AttackKind("fmn", min_norm.fmn, _fmn_settings, seeded=False, norms=BOTH_NORMS),
 )}
 
 
