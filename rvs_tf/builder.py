@@ -93,7 +93,8 @@ def _generator_model(config, classifier, image_shape, common):
     generator.trainable = not config.freeze_generator
     return RVSModel(classifier, generator, bound=config.bound, random_start=config.random_start,
                     ot_weight=config.ot_weight, clean_ce_weight=config.clean_ce_weight,
-                    rvs_update=config.rvs_update, **_feature_term(config), **common)
+                    rvs_update=config.rvs_update, ot_share_cap=config.ot_share_cap or None,
+                    **_feature_term(config), **common)
 
 
 def build_model(config, image_shape, num_classes, steps_per_epoch):

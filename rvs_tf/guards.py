@@ -84,7 +84,9 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
     Why it happens (issue 14): in raw squared feature units (`ot_units="absolute"`, the authors' and the
     default before 2026-12-05) the OT term's weight against the CE depends on the classifier's feature
     scale. The default `ot_units="spread"` divides the term by the clean features' spread, which removes
-    the cause (rvs.feature_spread; benchmarks/BN_CLASSIFIERS.md); the guard stays as the net below it. BatchNorm (batch statistics in training mode) puts
+    the scale (rvs.feature_spread), and the default `ot_share_cap` scales the term's weight down where its
+    gradient is still several times the CE's at the start (a BatchNorm + global-pooling classifier
+    stalled without it; benchmarks/BN_CLASSIFIERS.md); the guard stays as the net below both. BatchNorm (batch statistics in training mode) puts
     penultimate features at about unit scale per unit, with a larger clean-synthesised gap, so at the
     start the OT term is 1.7-5.7 against 0.014 for the default small CNN, and its gradient on the
     classifier 1.6-2.7 times the smoothed CE's (0.28 times on the default model). Adam follows it:
@@ -144,9 +146,12 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
         accuracy = float(np.mean([v["clean_accuracy"] for v in recent]))
         where = f"epoch {self._epoch + 1}, step {batch + 1}"
         advice = "lower the OT weight (rvs-train --ot_weight=0.1, RVSModel(ot_weight=0.1))"
+        if getattr(self.model, "ot_share_cap", 0) is None:  # the default cap is a remedy the run did not use
+            advice = ("cap the OT term's share of the gradient (rvs-train --ot_share_cap=0.6, "
+                      "RVSModel(ot_share_cap=0.6), the default) or " + advice)
         if getattr(self.model, "ot_units", None) == "absolute":  # the scale-free term is the first remedy
             advice = ("measure the OT term in the clean features' spread (rvs-train --ot_units=spread, "
-                      "RVSModel(ot_units='spread'), the default) or " + advice)
+                      "RVSModel(ot_units='spread'), the default), " + advice)
         ot = max(v["ot_loss"] for v in recent)
         if accuracy < self.accuracy_factor * chance and ot < self.ot_fraction * self._peak:
             raise FeatureCollapseError(

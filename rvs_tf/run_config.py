@@ -83,6 +83,7 @@ BOUNDS = {  # field: (lowest, highest) value accepted, None for no bound (the fl
     "collapse_guard_window": (0, None),
     "label_smoothing": (0.0, 0.99),
     "ot_weight": (0.0, None),
+    "ot_share_cap": (0.0, None),
     "ot_epsilon": (1e-06, None),
     "ot_max_iters": (1, None),
     "clean_ce_weight": (0.0, None),
@@ -152,6 +153,7 @@ class RunConfig:
     rvs_update: str = "alternating"
     feature_distance: str = "sinkhorn"
     ot_units: str = "spread"
+    ot_share_cap: float = 0.6  # 0: no cap (rvs.DEFAULT_OT_SHARE_CAP)
     freeze_generator: bool = False
     eps_warmup_epochs: int = 0
     # Optimisation.
@@ -230,6 +232,8 @@ class RunConfig:
             record = {**record, "precision": record["mixed_precision"]}
         if "ot_units" not in record:  # written before the feature term became scale-free (2026-12-05)
             record = {**record, "ot_units": "absolute"}
+        if "ot_share_cap" not in record:  # written before the OT term's start share was capped (2026-12-07)
+            record = {**record, "ot_share_cap": 0.0}
         return cls(**{k: v for k, v in record.items() if k in known}, **settings)
 
     def changes_from(self, other):

@@ -27,6 +27,12 @@ OT_UNITS = ("spread", "absolute")
 # default CNN trains in raw units exactly as the authors'; BatchNorm features are 6-8x larger in scale.
 REFERENCE_SPREAD = 8.0
 RVS_UPDATES = ("alternating", "simultaneous")
+# The OT term's start-share cap (`RVSModel(ot_share_cap=...)`): measured over this many first classifier
+# steps, then held. The default cap sits above the default small CNN's share at its start (0.25-0.37,
+# Fashion-MNIST), so the cap never binds there, and below the BatchNorm classifiers' (1.1-3.3) that
+# RVS's term stalls (benchmarks/BN_CLASSIFIERS.md).
+OT_SHARE_STEPS = 8
+DEFAULT_OT_SHARE_CAP = 0.6
 # The Sinkhorn options a model takes as `ot_<name>` keyword arguments (the rest keep their defaults).
 OT_KEYWORDS = ("epsilon", "cost_scale", "max_iters", "gradient", "debiased")
 
@@ -200,6 +206,14 @@ class RVSModel(GeneratorGame):
         does not grow with the feature scale: BatchNorm classifiers train with the defaults, and the
         default small CNN trains exactly as in raw units. "absolute": raw units always, the authors'
         (their flag files name it), under which BatchNorm classifiers stall or collapse.
+      ot_share_cap: a cap on the OT term's pull at the start of training: the mean over the first
+        OT_SHARE_STEPS classifier steps of |d(ot_weight * OT)/dw| / |d CE/dw| (`ot_start_share`, saved
+        with the weights) is measured, and where it exceeds the cap the term's weight is multiplied by
+        cap / share from then on (`ot_scale()`; the first step runs at full weight). Default 0.6: the
+        default small CNN measures 0.27-0.35 and trains exactly as without it; a BatchNorm + global-
+        pooling classifier measured 1.76-1.88 and stalled at full weight (47% against natural
+        training's 81% clean after 600 steps, 77% with the cap). None: no cap, the authors' (their flag
+        files name it). Two extra backward passes on each of the first steps.
       label_smoothing: authors' 0.5 (true class keeps 1 - s). `clean_ce_weight`: an optional CE term on
         the clean batch (authors: 0). `random_start`: the uniform start of step 3 (authors: on).
       weight_decay: 2e-4 in the authors' recipe, on the classifier's kernels.
@@ -235,12 +249,15 @@ class RVSModel(GeneratorGame):
     """
 
     def __init__(self, classifier, generator, *, eps, bound="clip", random_start=True, ot_weight=1.0,
-                 clean_ce_weight=0.0, label_smoothing=0.5, rvs_update="alternating", **kwargs):
+                 clean_ce_weight=0.0, label_smoothing=0.5, rvs_update="alternating",
+                 ot_share_cap=DEFAULT_OT_SHARE_CAP, **kwargs):
         super().__init__(classifier, generator, label_smoothing=label_smoothing, eps=eps, ot_weight=ot_weight,
                          **kwargs)
         check(bound in BOUNDS, f"bound: expected one of {BOUNDS}, got {bound!r}")
         check(float(clean_ce_weight) >= 0, f"clean_ce_weight: expected >= 0, got {clean_ce_weight}")
         check(rvs_update in RVS_UPDATES, f"rvs_update: expected one of {RVS_UPDATES}, got {rvs_update!r}")
+        check(ot_share_cap is None or float(ot_share_cap) > 0,
+              f"ot_share_cap: expected a number > 0, or None for no cap, got {ot_share_cap}")
         image_shape = tuple(classifier.input_shape[1:])
         check(tuple(generator.output_shape[1:]) == image_shape,
               f"generator: output shape {tuple(generator.output_shape[1:])} does not match the "
@@ -249,6 +266,11 @@ class RVSModel(GeneratorGame):
         self.random_start = bool(random_start)
         self.clean_ce_weight = float(clean_ce_weight)
         self.rvs_update = rvs_update
+        self.ot_share_cap = None if ot_share_cap is None else float(ot_share_cap)
+        # The mean, over the first OT_SHARE_STEPS classifier steps, of |d(ot_weight * OT)/dw| / |d CE/dw|
+        # (0: not measured). Saved with the weights, so a resumed run keeps the scale it started with.
+        self.ot_start_share = self.add_weight(shape=(), initializer="zeros", trainable=False,
+                                              name="ot_start_share", aggregation="only_first_replica")
         self.noise_dim = int(generator.input_shape[-1])
         self.ce_tracker = keras.metrics.Mean(name="ce_loss")
         self.ot_tracker = keras.metrics.Mean(name="ot_loss")
@@ -260,8 +282,53 @@ class RVSModel(GeneratorGame):
     def get_config(self):
         config = super().get_config()
         config.update(bound=self.bound, random_start=self.random_start, clean_ce_weight=self.clean_ce_weight,
-                      rvs_update=self.rvs_update)
+                      rvs_update=self.rvs_update, ot_share_cap=self.ot_share_cap)
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # A model saved before `ot_share_cap` existed trained without it: keep it so.
+        return super().from_config({"ot_share_cap": None, **config})
+
+    def load_own_variables(self, store):
+        """Weights saved before `ot_start_share` existed have none of RVSModel's own: the share stays 0
+        (unmeasured) and, with the run past its first steps, the term keeps its full weight as it had."""
+        if len(store.keys()) == 0:
+            return
+        super().load_own_variables(store)
+
+    def ot_scale(self):
+        """The factor on the OT term's weight: min(1, ot_share_cap / the share measured at the start),
+        1 when there is no cap or nothing is measured yet."""
+        share = tf.convert_to_tensor(self.ot_start_share)
+        if self.ot_share_cap is None:
+            return tf.ones_like(share)
+        return tf.where(share > self.ot_share_cap, self.ot_share_cap / tf.maximum(share, 1e-12), 1.0)
+
+    def measure_ot_share(self, tape, ce, ot):
+        """During the first OT_SHARE_STEPS classifier steps, fold this batch's gradient share of the OT
+        term into `ot_start_share` (two extra backward passes on those steps only; the replicas' mean
+        under a strategy). Why: the OT term's pull against the CE's depends on the classifier (features
+        BatchNorm puts at unit scale, global pooling); where it is several times the CE's at the start,
+        the classifier makes its features blind to the image and stalls (guards.FeatureCollapseGuard).
+        `tape` must be persistent and have recorded `ce` and `ot`."""
+        if self.ot_share_cap is None or not self.ot_weight:
+            return
+        step = tf.cast(self.optimizer.iterations, tf.float32)
+        measuring = step < OT_SHARE_STEPS
+
+        def measure():
+            variables = self.classifier.trainable_variables
+            ce_norm = tf.linalg.global_norm(tape.gradient(ce, variables))
+            ot_norm = tf.linalg.global_norm(tape.gradient(ot, variables))
+            return self.ot_weight * ot_norm / tf.maximum(ce_norm, 1e-12)
+
+        share = tf.cond(measuring, measure, lambda: tf.constant(0.0))
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:  # a sync point: never inside the cond
+            share = context.all_reduce("MEAN", share)
+        current = tf.convert_to_tensor(self.ot_start_share)
+        self.ot_start_share.assign(tf.where(measuring, current + (share - current) / (step + 1.0), current))
 
     # -- the RVS step ---------------------------------------------------------------------------------
     def synthesize(self, x, eps, stream):
@@ -287,7 +354,7 @@ class RVSModel(GeneratorGame):
         """(total, CE, OT) of the classifier: CE on the synthesised batch + lambda * OT (+ clean CE, wd)."""
         ce = self.cross_entropy(targets, logits, weights)
         ot = self.transport_cost(clean, adversarial)
-        loss = ce + self.ot_weight * ot
+        loss = ce + self.ot_weight * self.ot_scale() * ot
         if self.clean_ce_weight:
             loss += self.clean_ce_weight * self.cross_entropy(targets, clean_logits, weights)
         return self.regularised(loss), ce, ot
@@ -314,7 +381,7 @@ class RVSModel(GeneratorGame):
         of two (one pass cheaper)."""
         generator_variables = self.generator.trainable_variables  # empty when frozen: no generator step
         targets = self.targets(y)
-        with tf.GradientTape() as classifier_tape:
+        with tf.GradientTape(persistent=True) as classifier_tape:
             clean_logits, clean = self.heads(x)
             if generator_variables:
                 with tf.GradientTape() as tape:  # generator: maximise the transport cost
@@ -326,7 +393,9 @@ class RVSModel(GeneratorGame):
             logits, adversarial = self.heads(x_adv)  # classifier: fit it, pull the features together
             loss, ce, ot = self.classifier_objective(targets, clean_logits, clean, logits, adversarial, weights)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
+        self.measure_ot_share(classifier_tape, ce, ot)
         self.descend(classifier_tape, classifier_loss, self.optimizer, self.classifier.trainable_variables)
+        del classifier_tape
         return RVSStep(loss, ce, ot, generator_ot if generator_variables else ot, clean_logits, logits)
 
     def simultaneous_step(self, x, y, eps, weights=None):
@@ -339,6 +408,7 @@ class RVSModel(GeneratorGame):
                                                      adversarial, weights)
             classifier_loss = self.gradient_loss(loss, self.optimizer)
             generator_loss = self.gradient_loss(-ot, self.generator_optimizer)
+        self.measure_ot_share(tape, ce, ot)
         classifier_variables = self.classifier.trainable_variables
         generator_variables = self.generator.trainable_variables
         classifier_grads = tape.gradient(classifier_loss, classifier_variables)

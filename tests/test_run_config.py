@@ -1,5 +1,6 @@
 """RunConfig (what rvs-train's flags fill) and the builder the command line and the benchmarks share."""
 import dataclasses
+import os
 
 import pytest
 
@@ -88,3 +89,20 @@ def test_a_workdir_recorded_before_ot_units_resumes_in_raw_feature_units():
     assert RunConfig.from_record(RunConfig(method="rvs").record()).ot_units == "spread"
     with pytest.raises(ValueError, match="ot_units"):
         RunConfig(method="rvs", ot_units="pixels")
+
+
+def test_the_ot_share_cap_reaches_the_model_and_zero_turns_it_off():
+    """`--ot_share_cap=0` (the authors' flag files) builds an uncapped RVSModel; a workdir recorded before
+    the cap existed resumes without it."""
+    assert builder.build_model(RunConfig(method="rvs"), (28, 28, 1), 10, steps_per_epoch=5).ot_share_cap == 0.6
+    off = builder.build_model(RunConfig(method="rvs", ot_share_cap=0.0), (28, 28, 1), 10, steps_per_epoch=5)
+    assert off.ot_share_cap is None
+    record = RunConfig(method="rvs").record()
+    del record["ot_share_cap"]
+    assert RunConfig.from_record(record).ot_share_cap == 0.0
+    with pytest.raises(ValueError, match=r"ot_share_cap: expected a number >= 0.0, got -1"):
+        RunConfig(method="rvs", ot_share_cap=-1)
+    for preset in ("cifar10_paper", "cifar100"):  # the authors' recipe keeps their exact settings
+        with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "flags", f"{preset}.cfg")) as handle:
+            flags = dict(line.strip()[2:].split("=", 1) for line in handle if line.startswith("--") and "=" in line)
+        assert float(flags["ot_share_cap"]) == 0.0 and flags["ot_units"] == "absolute"

@@ -170,6 +170,7 @@ def test_users_own_classifier_with_a_named_feature_layer():
     ({"eps": 0.0}, "eps"), ({"eps": 1.5}, "eps"), ({"bound": "sigmoid"}, "bound"),
     ({"ot_on": "pixels"}, "ot_on"), ({"label_smoothing": 1.0}, "label_smoothing"),
     ({"ot_gradient": "magic"}, "gradient"), ({"ot_units": "pixels"}, "ot_units: expected one of"),
+    ({"ot_share_cap": 0.0}, "ot_share_cap: expected a number > 0, or None"),
 ])
 def test_bad_arguments_name_themselves(kwargs, message):
     options = dict(eps=0.1)
@@ -231,6 +232,71 @@ def test_models_saved_before_ot_units_keep_raw_units():
     del config["ot_units"]
     assert RVSModel.from_config(config).ot_units == "absolute"
     assert make_model().ot_units == "spread"
+
+
+def start_share(model, x, y, eps, stream):
+    """|d(ot_weight * OT)/dw| / |d CE/dw| over the classifier at the model's current step, computed here
+    from the model's own pieces (its step-seeded synthesised batch, frozen generator: no generator step)."""
+    x = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        _, clean = model.heads(x)
+        logits, adversarial = model.heads(model.synthesize(x, eps, stream=stream))
+        ce = model.cross_entropy(model.targets(y), logits)
+        ot = model.transport_cost(clean, adversarial)
+    variables = model.classifier.trainable_variables
+    return model.ot_weight * float(tf.linalg.global_norm(tape.gradient(ot, variables))
+                                   / tf.linalg.global_norm(tape.gradient(ce, variables)))
+
+
+@pytest.mark.parametrize("update", ["alternating", "simultaneous"])
+def test_ot_share_cap_scales_the_term_by_the_share_measured_at_the_start(update):
+    """The start share is the batch's gradient ratio (computed independently), averaged over the first
+    OT_SHARE_STEPS steps and then held; the OT term's weight is scaled to meet the cap, never raised."""
+    x, y = tiny_data(32)
+    model = make_model(ot_weight=3.0, rvs_update=update, ot_share_cap=0.01)
+    model.generator.trainable = False
+    expected = start_share(model, x, y, model.eps, stream=2 if update == "alternating" else 0)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    assert float(model.ot_start_share) == pytest.approx(expected, rel=1e-4)
+    assert float(model.ot_scale()) == pytest.approx(0.01 / expected, rel=1e-4) and expected > 0.01
+    model.fit(x, y, batch_size=32, epochs=rvs.OT_SHARE_STEPS - 1, shuffle=False, verbose=0)
+    held = float(model.ot_start_share)
+    assert held != pytest.approx(expected, rel=1e-3)  # a mean over the steps, not the first alone
+    model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    assert float(model.ot_start_share) == held  # measured on the first steps only
+
+    uncapped = make_model(ot_weight=3.0, rvs_update=update, ot_share_cap=1e6)
+    uncapped.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert float(uncapped.ot_scale()) == 1.0 and float(uncapped.ot_start_share) > 0
+    off = make_model(ot_share_cap=None)
+    off.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert float(off.ot_start_share) == 0.0 and float(off.ot_scale()) == 1.0
+
+
+def test_a_cap_that_does_not_bind_leaves_training_bit_identical():
+    """Below the cap the step is the uncapped one exactly (the default small CNN's case)."""
+    x, y = tiny_data(64)
+    weights = []
+    for cap in (None, 1e6):
+        model = make_model(ot_share_cap=cap)
+        model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+        weights.append([v.numpy() for v in model.classifier.weights + model.generator.weights])
+    for before, after in zip(*weights):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_the_start_share_is_saved_and_old_models_keep_their_full_weight(tmp_path):
+    x, y = tiny_data(32)
+    model = make_model(ot_share_cap=0.01)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model.save(tmp_path / "rvs.keras")
+    loaded = keras.models.load_model(tmp_path / "rvs.keras")
+    assert loaded.ot_share_cap == 0.01
+    assert float(loaded.ot_start_share) == float(model.ot_start_share) > 0.01
+    config = model.get_config()
+    del config["ot_share_cap"]  # a config written before the cap existed: trained without it
+    assert RVSModel.from_config(config).ot_share_cap is None
+    assert make_model().ot_share_cap == rvs.DEFAULT_OT_SHARE_CAP
 
 
 def test_simultaneous_update_moves_both_players_from_one_point():
