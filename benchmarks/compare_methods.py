@@ -81,6 +81,10 @@ LARGE_EPS = 0.2
 for _name in ("fgsm_rs", "pgd", "nfgsm", "fgsm_pgi", "rvs_init", "rvs"):
     _flags = ROWS[_name][0] + [f"--eps={LARGE_EPS}"]
     ROWS[f"{_name}_eps{LARGE_EPS}"] = (_flags, f"{_name} at eps {LARGE_EPS}")
+    if _name == "rvs":  # at eps 0.2 the small CNN's start share (about 0.95) is above the default cap of
+        # 2026-12-07; the row was measured before it, without one, and keeps that recipe
+        ROWS[f"{_name}_eps{LARGE_EPS}"] = (_flags + ["--ot_share_cap=0"], f"{_name} at eps {LARGE_EPS}, "
+                                           "no start-share cap")
     if _name != "rvs":
         ROWS[f"{_name}_eps{LARGE_EPS}_seed1"] = (_flags + ["--seed=1"], f"{_name} at eps {LARGE_EPS}, seed 1")
 # The L2 threat model (issue 21) at eps 1.5 on [0, 1] images (an RMS change of 0.054 per pixel, in the range

@@ -145,13 +145,15 @@ class FeatureCollapseGuard(keras.callbacks.Callback):
         chance = 1.0 / max(int(getattr(self.model, "num_classes", 10)), 2)
         accuracy = float(np.mean([v["clean_accuracy"] for v in recent]))
         where = f"epoch {self._epoch + 1}, step {batch + 1}"
-        advice = "lower the OT weight (rvs-train --ot_weight=0.1, RVSModel(ot_weight=0.1))"
-        if getattr(self.model, "ot_share_cap", 0) is None:  # the default cap is a remedy the run did not use
-            advice = ("cap the OT term's share of the gradient (rvs-train --ot_share_cap=0.6, "
-                      "RVSModel(ot_share_cap=0.6), the default) or " + advice)
-        if getattr(self.model, "ot_units", None) == "absolute":  # the scale-free term is the first remedy
-            advice = ("measure the OT term in the clean features' spread (rvs-train --ot_units=spread, "
-                      "RVSModel(ot_units='spread'), the default), " + advice)
+        remedies = []  # the defaults the run does not use first, then a lower weight
+        if getattr(self.model, "ot_units", None) == "absolute":
+            remedies.append("measure the OT term in the clean features' spread (rvs-train --ot_units=spread, "
+                            "RVSModel(ot_units='spread'), the default)")
+        if getattr(self.model, "ot_share_cap", 0) is None:
+            remedies.append("cap the OT term's share of the gradient (rvs-train --ot_share_cap=0.6, "
+                            "RVSModel(ot_share_cap=0.6), the default)")
+        remedies.append("lower the OT weight (rvs-train --ot_weight=0.1, RVSModel(ot_weight=0.1))")
+        advice = ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1]
         ot = max(v["ot_loss"] for v in recent)
         if accuracy < self.accuracy_factor * chance and ot < self.ot_fraction * self._peak:
             raise FeatureCollapseError(

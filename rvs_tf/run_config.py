@@ -153,7 +153,7 @@ class RunConfig:
     rvs_update: str = "alternating"
     feature_distance: str = "sinkhorn"
     ot_units: str = "spread"
-    ot_share_cap: float = 0.6  # 0: no cap (rvs.DEFAULT_OT_SHARE_CAP)
+    ot_share_cap: float = rvs.DEFAULT_OT_SHARE_CAP  # 0: no cap
     freeze_generator: bool = False
     eps_warmup_epochs: int = 0
     # Optimisation.
@@ -232,8 +232,9 @@ class RunConfig:
             record = {**record, "precision": record["mixed_precision"]}
         if "ot_units" not in record:  # written before the feature term became scale-free (2026-12-05)
             record = {**record, "ot_units": "absolute"}
-        if "ot_share_cap" not in record:  # written before the OT term's start share was capped (2026-12-07)
-            record = {**record, "ot_share_cap": 0.0}
+        if "ot_share_cap" not in record:  # written before the OT term's start share was capped (2026-12-07):
+            # an RVS run trained without a cap; to the other methods the field means nothing
+            record = {**record, "ot_share_cap": 0.0 if record.get("method") == "rvs" else rvs.DEFAULT_OT_SHARE_CAP}
         return cls(**{k: v for k, v in record.items() if k in known}, **settings)
 
     def changes_from(self, other):

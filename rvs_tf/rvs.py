@@ -27,10 +27,11 @@ OT_UNITS = ("spread", "absolute")
 # default CNN trains in raw units exactly as the authors'; BatchNorm features are 6-8x larger in scale.
 REFERENCE_SPREAD = 8.0
 RVS_UPDATES = ("alternating", "simultaneous")
-# The OT term's start-share cap (`RVSModel(ot_share_cap=...)`): measured over this many first classifier
-# steps, then held. The default cap sits above the default small CNN's share at its start (0.25-0.37,
-# Fashion-MNIST), so the cap never binds there, and below the BatchNorm classifiers' (1.1-3.3) that
-# RVS's term stalls (benchmarks/BN_CLASSIFIERS.md).
+# The OT term's start-share cap (`RVSModel(ot_share_cap=...)`): measured over this many classifier steps
+# once eps has reached its value, then held. The default cap sits above the default small CNN's share at
+# the quick start's settings (0.27-0.35 at eps 0.1, seeds 0-2, Fashion-MNIST), so the cap never binds
+# there, and below the share of the BatchNorm + global-pooling classifier whose ReLU embedding the term
+# made blind to the image (1.76-1.88; benchmarks/BN_CLASSIFIERS.md).
 OT_SHARE_STEPS = 8
 DEFAULT_OT_SHARE_CAP = 0.6
 # The Sinkhorn options a model takes as `ot_<name>` keyword arguments (the rest keep their defaults).
@@ -207,13 +208,14 @@ class RVSModel(GeneratorGame):
         default small CNN trains exactly as in raw units. "absolute": raw units always, the authors'
         (their flag files name it), under which BatchNorm classifiers stall or collapse.
       ot_share_cap: a cap on the OT term's pull at the start of training: the mean over the first
-        OT_SHARE_STEPS classifier steps of |d(ot_weight * OT)/dw| / |d CE/dw| (`ot_start_share`, saved
-        with the weights) is measured, and where it exceeds the cap the term's weight is multiplied by
-        cap / share from then on (`ot_scale()`; the first step runs at full weight). Default 0.6: the
-        default small CNN measures 0.27-0.35 and trains exactly as without it; a BatchNorm + global-
-        pooling classifier measured 1.76-1.88 and stalled at full weight (47% against natural
+        OT_SHARE_STEPS classifier steps at full eps of |d(ot_weight * OT)/dw| / |d CE/dw|
+        (`ot_start_share`, saved with the weights) is measured, and where it exceeds the cap the term's
+        weight is multiplied by cap / share from then on (`ot_scale()`; the first measured step runs at
+        full weight). Default 0.6: the default small CNN at eps 0.1 measures 0.27-0.35 and trains
+        exactly as without it (at eps 0.2 it measures about 0.95, and the cap binds); a BatchNorm +
+        global-pooling classifier measured 1.76-1.88 and stalled at full weight (47% against natural
         training's 81% clean after 600 steps, 77% with the cap). None: no cap, the authors' (their flag
-        files name it). Two extra backward passes on each of the first steps.
+        files name it). Two extra backward passes on each measured step.
       label_smoothing: authors' 0.5 (true class keeps 1 - s). `clean_ce_weight`: an optional CE term on
         the clean batch (authors: 0). `random_start`: the uniform start of step 3 (authors: on).
       weight_decay: 2e-4 in the authors' recipe, on the classifier's kernels.
@@ -267,10 +269,11 @@ class RVSModel(GeneratorGame):
         self.clean_ce_weight = float(clean_ce_weight)
         self.rvs_update = rvs_update
         self.ot_share_cap = None if ot_share_cap is None else float(ot_share_cap)
-        # The mean, over the first OT_SHARE_STEPS classifier steps, of |d(ot_weight * OT)/dw| / |d CE/dw|
-        # (0: not measured). Saved with the weights, so a resumed run keeps the scale it started with.
-        self.ot_start_share = self.add_weight(shape=(), initializer="zeros", trainable=False,
-                                              name="ot_start_share", aggregation="only_first_replica")
+        # [sum, count] of |d(ot_weight * OT)/dw| / |d CE/dw| over the steps measured so far (a counter of
+        # its own: a loss-scaled step that is skipped does not advance the optimizer's). Saved with the
+        # weights, so a resumed run keeps the scale it started with.
+        self.ot_share_state = self.add_weight(shape=(2,), initializer="zeros", trainable=False,
+                                              name="ot_share_state", aggregation="only_first_replica")
         self.noise_dim = int(generator.input_shape[-1])
         self.ce_tracker = keras.metrics.Mean(name="ce_loss")
         self.ot_tracker = keras.metrics.Mean(name="ot_loss")
@@ -291,31 +294,41 @@ class RVSModel(GeneratorGame):
         return super().from_config({"ot_share_cap": None, **config})
 
     def load_own_variables(self, store):
-        """Weights saved before `ot_start_share` existed have none of RVSModel's own: the share stays 0
-        (unmeasured) and, with the run past its first steps, the term keeps its full weight as it had."""
+        """Weights saved before the start share existed have none of RVSModel's own: the share is then
+        marked as measured at 0, so the term keeps the full weight it trained with."""
         if len(store.keys()) == 0:
+            self.ot_share_state.assign([0.0, float(OT_SHARE_STEPS)])
             return
         super().load_own_variables(store)
+
+    @property
+    def ot_start_share(self):
+        """The mean of |d(ot_weight * OT)/dw| / |d CE/dw| over the classifier's weights on the steps
+        measured so far (the first OT_SHARE_STEPS once eps has reached its value); 0 before any."""
+        state = tf.convert_to_tensor(self.ot_share_state)
+        return state[0] / tf.maximum(state[1], 1.0)
 
     def ot_scale(self):
         """The factor on the OT term's weight: min(1, ot_share_cap / the share measured at the start),
         1 when there is no cap or nothing is measured yet."""
-        share = tf.convert_to_tensor(self.ot_start_share)
+        share = self.ot_start_share
         if self.ot_share_cap is None:
             return tf.ones_like(share)
         return tf.where(share > self.ot_share_cap, self.ot_share_cap / tf.maximum(share, 1e-12), 1.0)
 
     def measure_ot_share(self, tape, ce, ot):
-        """During the first OT_SHARE_STEPS classifier steps, fold this batch's gradient share of the OT
-        term into `ot_start_share` (two extra backward passes on those steps only; the replicas' mean
-        under a strategy). Why: the OT term's pull against the CE's depends on the classifier (features
-        BatchNorm puts at unit scale, global pooling); where it is several times the CE's at the start,
-        the classifier makes its features blind to the image and stalls (guards.FeatureCollapseGuard).
-        `tape` must be persistent and have recorded `ce` and `ot`."""
+        """On the first OT_SHARE_STEPS classifier steps at full eps (after `eps_warmup_steps`: the share
+        grows with eps), add this batch's gradient share of the OT term to `ot_share_state` (two extra
+        backward passes on those steps only; the replicas' mean under a strategy). Why: the OT term's pull
+        against the CE's depends on the classifier (features BatchNorm puts at unit scale, global
+        pooling); where it is several times the CE's at the start, the classifier makes its features
+        blind to the image and stalls (guards.FeatureCollapseGuard). `tape` must be persistent and have
+        recorded `ce` and `ot`."""
         if self.ot_share_cap is None or not self.ot_weight:
             return
-        step = tf.cast(self.optimizer.iterations, tf.float32)
-        measuring = step < OT_SHARE_STEPS
+        state = tf.convert_to_tensor(self.ot_share_state)
+        measuring = tf.logical_and(self.optimizer.iterations >= self.eps_warmup_steps,
+                                   state[1] < OT_SHARE_STEPS)
 
         def measure():
             variables = self.classifier.trainable_variables
@@ -327,8 +340,7 @@ class RVSModel(GeneratorGame):
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:  # a sync point: never inside the cond
             share = context.all_reduce("MEAN", share)
-        current = tf.convert_to_tensor(self.ot_start_share)
-        self.ot_start_share.assign(tf.where(measuring, current + (share - current) / (step + 1.0), current))
+        self.ot_share_state.assign(state + tf.cast(measuring, tf.float32) * tf.stack([share, 1.0]))
 
     # -- the RVS step ---------------------------------------------------------------------------------
     def synthesize(self, x, eps, stream):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rvs_tf import distribute, precision, sinkhorn
+from rvs_tf import distribute, precision, rvs, sinkhorn
 from rvs_tf.baselines import NaturalModel
 from rvs_tf.training import RVSModel, smooth_labels
 
@@ -210,6 +210,41 @@ def test_mirrored_rvs_step_is_the_per_replica_ot_step():
         assert history[key][0] == pytest.approx(value, rel=1e-4), key
     # The test can tell the two designs apart: OT on the gathered global batch is another number.
     assert abs(global_batch[2]["ot_loss"] - metrics["ot_loss"]) > 1e-3
+
+
+def test_mirrored_ot_start_share_is_the_mean_of_the_replicas_shares():
+    """Each replica measures its own batch's gradient share; the replicas agree on their mean (one value,
+    measured on the first OT_SHARE_STEPS steps), computed here shard by shard without a strategy."""
+    x, y = data(16, seed=2)
+    strategy = mirrored()
+    with strategy.scope():
+        generator = constant_generator()
+        generator.trainable = False  # no generator step: the synthesised batch is x + delta
+        model = RVSModel(classifier(), generator, eps=EPS, random_start=False, ot_share_cap=1e-3, **OT)
+        model.compile(classifier_optimizer=keras.optimizers.SGD(0.3), generator_optimizer=keras.optimizers.SGD(0.5))
+    start = keras.models.clone_model(model.classifier)
+    start.set_weights(model.classifier.get_weights())
+    reference = RVSModel(start, constant_generator(), eps=EPS, random_start=False, **OT)
+    reference.generator.set_weights(model.generator.get_weights())
+    reference.compile(classifier_optimizer="sgd", generator_optimizer="sgd")
+
+    def share(xs, ys):
+        xs = tf.constant(xs)
+        with tf.GradientTape(persistent=True) as tape:
+            _, clean = reference.heads(xs)
+            logits, adversarial = reference.heads(reference.synthesize(xs, EPS, stream=2))
+            ce = reference.cross_entropy(reference.targets(ys), logits)
+            ot = reference.transport_cost(clean, adversarial)
+        variables = reference.classifier.trainable_variables
+        return float(tf.linalg.global_norm(tape.gradient(ot, variables)) /
+                     tf.linalg.global_norm(tape.gradient(ce, variables)))
+
+    expected = (share(x[:8], y[:8]) + share(x[8:], y[8:])) / 2
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert float(model.ot_start_share) == pytest.approx(expected, rel=1e-4)
+    model.fit(x, y, batch_size=16, epochs=rvs.OT_SHARE_STEPS + 2, shuffle=False, verbose=0)
+    assert float(model.ot_share_state[1]) == rvs.OT_SHARE_STEPS
+    assert float(model.ot_scale()) == pytest.approx(1e-3 / float(model.ot_start_share), rel=1e-5)
 
 
 # -- the two known MirroredStrategy pitfalls ------------------------------------------------------------

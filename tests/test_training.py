@@ -1,6 +1,7 @@
 """RVSModel: the step does what DESIGN.md section 1 says, and the model behaves like any Keras model."""
 import re
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -297,6 +298,28 @@ def test_the_start_share_is_saved_and_old_models_keep_their_full_weight(tmp_path
     del config["ot_share_cap"]  # a config written before the cap existed: trained without it
     assert RVSModel.from_config(config).ot_share_cap is None
     assert make_model().ot_share_cap == rvs.DEFAULT_OT_SHARE_CAP
+
+    model.save_weights(tmp_path / "state.weights.h5")  # what the training checkpoints hold
+    resumed = make_model(ot_share_cap=0.01)
+    resumed.load_weights(tmp_path / "state.weights.h5")
+    assert float(resumed.ot_scale()) == float(model.ot_scale()) < 1.0
+    with h5py.File(tmp_path / "state.weights.h5", "a") as handle:  # as written before the share existed
+        del handle["vars"]["0"]
+    old = make_model(ot_share_cap=0.01)
+    old.load_weights(tmp_path / "state.weights.h5")
+    np.testing.assert_array_equal(old.classifier.get_weights()[0], model.classifier.get_weights()[0])
+    old.fit(x, y, batch_size=16, epochs=1, verbose=0)  # trained at full weight: it stays so, unmeasured
+    assert float(old.ot_start_share) == 0.0 and float(old.ot_scale()) == 1.0
+
+
+def test_the_start_share_is_measured_once_eps_has_reached_its_value():
+    """The share grows with eps: under `eps_warmup_steps` it is measured on the first steps at full eps."""
+    x, y = tiny_data(32)
+    model = make_model(eps_warmup_steps=4)
+    model.fit(x, y, batch_size=32, epochs=4, verbose=0)
+    assert float(model.ot_share_state[1]) == 0.0
+    model.fit(x, y, batch_size=32, epochs=rvs.OT_SHARE_STEPS + 3, verbose=0)
+    assert float(model.ot_share_state[1]) == rvs.OT_SHARE_STEPS and float(model.ot_start_share) > 0
 
 
 def test_simultaneous_update_moves_both_players_from_one_point():

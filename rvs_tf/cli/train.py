@@ -126,10 +126,10 @@ flags.DEFINE_enum("ot_units", D.ot_units, rvs.OT_UNITS,
                   "whatever the classifier's feature scale (BatchNorm classifiers train); absolute: raw "
                   "squared feature units, the authors' (their flag files name it).")
 flags.DEFINE_float("ot_share_cap", D.ot_share_cap,
-                   "Cap on the OT term's gradient, as a share of the cross-entropy's, measured over the first "
-                   "classifier steps; the term's weight is scaled down to meet it, then held (BatchNorm "
-                   "classifiers train; the default small CNN stays under it). 0: no cap, the authors' (their "
-                   "flag files name it).", **_bounds("ot_share_cap"))
+                   "--method=rvs: cap on the OT term's gradient, as a share of the cross-entropy's, measured "
+                   "over the first classifier steps at full eps; the term's weight is scaled down to meet it, "
+                   "then held (BatchNorm classifiers train; the default small CNN at eps 0.1 stays under it). "
+                   "0: no cap, the authors' (their flag files name it).", **_bounds("ot_share_cap"))
 flags.DEFINE_bool("freeze_generator", D.freeze_generator, "Keep the generator at its random initialisation "
                   "(ablation: bounded noise of the same form, no synthesis).")
 flags.DEFINE_integer("eps_warmup_epochs", D.eps_warmup_epochs, "Epochs over which eps ramps up from 0.",
