@@ -559,7 +559,7 @@ AUTHORS_TRAJECTORIES = os.path.join(os.path.dirname(os.path.dirname(os.path.absp
                                     "results", "bn_classifiers")
 
 
-@pytest.mark.parametrize("arch", ["wrn_16_4"])
+@pytest.mark.parametrize("arch", ["wrn_16_4", "preact_resnet18"])
 def test_feature_collapse_guard_lets_the_authors_recipe_start_on_deep_batchnorm_networks(arch):
     """The authors' recipe (SGD 0.1, momentum 0.9, label smoothing 0.5, OT weight 1, raw units, absolute
     epsilon) on WRN-16-4 and PreAct-ResNet-18, 600 steps of batch 64 on 32x32 colour Fashion-MNIST
