@@ -17,6 +17,7 @@ import tensorflow as tf
 from rvs_tf import distribute, precision, rvs, sinkhorn
 from rvs_tf.baselines import NaturalModel
 from rvs_tf.training import RVSModel, smooth_labels
+from test_training import start_share
 
 SHAPE = (6, 6, 1)
 CLASSES = 3
@@ -228,18 +229,8 @@ def test_mirrored_ot_start_share_is_the_mean_of_the_replicas_shares():
     reference.generator.set_weights(model.generator.get_weights())
     reference.compile(classifier_optimizer="sgd", generator_optimizer="sgd")
 
-    def share(xs, ys):
-        xs = tf.constant(xs)
-        with tf.GradientTape(persistent=True) as tape:
-            _, clean = reference.heads(xs)
-            logits, adversarial = reference.heads(reference.synthesize(xs, EPS, stream=2))
-            ce = reference.cross_entropy(reference.targets(ys), logits)
-            ot = reference.transport_cost(clean, adversarial)
-        variables = reference.classifier.trainable_variables
-        return float(tf.linalg.global_norm(tape.gradient(ot, variables)) /
-                     tf.linalg.global_norm(tape.gradient(ce, variables)))
-
-    expected = (share(x[:8], y[:8]) + share(x[8:], y[8:])) / 2
+    expected = (start_share(reference, x[:8], y[:8], EPS, stream=2)
+                + start_share(reference, x[8:], y[8:], EPS, stream=2)) / 2
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     assert float(model.ot_start_share) == pytest.approx(expected, rel=1e-4)
     model.fit(x, y, batch_size=16, epochs=rvs.OT_SHARE_STEPS + 2, shuffle=False, verbose=0)
