@@ -22,6 +22,7 @@ from rvs_tf.data import make_eval_dataset  # noqa: E402
 from rvs_tf.evaluate import ensemble, specs  # noqa: E402
 from rvs_tf.evaluate.models import search_model  # noqa: E402
 from rvs_tf.evaluate.runner import Runner, materialise  # noqa: E402
+from rvs_tf.threat_model import parse_norm  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,13 +33,15 @@ def measure(path, attacks, num_examples, batch_size, seed):
                               num_examples=num_examples, validation_size=0)
     x, y = materialise(ds, num_examples)
     eps, attack_specs = float(metadata["eps"]), specs.resolve_attacks(attacks)
-    out = {"model": path, "eps": eps, "attacks": attacks, "examples": int(len(y))}
+    norm = parse_norm(metadata.get("norm", "linf"))  # the model's threat model, as rvs-evaluate takes it
+    specs.check_norm(attack_specs, norm)
+    out = {"model": path, "eps": eps, "norm": norm, "attacks": attacks, "examples": int(len(y))}
     robust = {}
     for policy in ("float32", "mixed_bfloat16"):
-        search, note = search_model(logits_fn, policy)
-        if note:
-            raise SystemExit(f"{path}: {note}")
-        runner = Runner(logits_fn, x.shape[1:], batch_size, seed, False, search_model=search)
+        search, used, note = search_model(logits_fn, policy)
+        if used != policy:
+            raise SystemExit(f"{path}: searched in {used}, not {policy}: {note}")
+        runner = Runner(logits_fn, x.shape[1:], batch_size, seed, False, search_model=search, norm=norm)
         start = time.perf_counter()
         found = ensemble.run_ensemble(runner, attack_specs, x, y, eps, cascade=True)
         out[policy] = {"seconds": time.perf_counter() - start, "worst_case": float(found.robust.mean()),
