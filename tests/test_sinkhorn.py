@@ -254,7 +254,10 @@ def test_runs_under_xla(gradient):
     compiled = tf.function(value_and_grad, jit_compile=True)(x, y)
     eager = value_and_grad(x, y)
     np.testing.assert_allclose(compiled[0].numpy(), eager[0].numpy(), rtol=1e-5)
-    np.testing.assert_allclose(compiled[1].numpy(), eager[1].numpy(), rtol=1e-4, atol=1e-6)
+    # XLA's exp and log round differently from Eigen's; through 60 unrolled iterations that leaves
+    # ~1e-5 of the largest entry on the smallest ones.
+    scale = np.abs(eager[1].numpy()).max()
+    np.testing.assert_allclose(compiled[1].numpy(), eager[1].numpy(), rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_runs_per_replica_under_mirrored_strategy():
