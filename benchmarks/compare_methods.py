@@ -256,7 +256,9 @@ def cost_ratio(name, row, natural_seconds, ratios):
     method = row_method(name)
     key = {"pgd": "pgd10", "rvs": "rvs_simultaneous" if "--rvs_update=simultaneous" in ROWS[name][0]
            else "rvs_alternating"}.get(method, method)
-    plain = not any(f.startswith(("--freeze", "--feature_distance", "--ot_")) for f in ROWS[name][0])
+    # Flags that change what a step computes; the start-share cap only rescales a weight after 8 steps.
+    plain = not any(f.startswith(("--freeze", "--feature_distance", "--ot_")) and not f.startswith("--ot_share_cap")
+                    for f in ROWS[name][0])
     if key in ratios and plain:
         return ratios[key], "step"
     return (row["seconds_per_epoch"] / natural_seconds if natural_seconds else float("nan")), "epoch"
