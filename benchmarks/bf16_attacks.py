@@ -27,15 +27,20 @@ from rvs_tf.threat_model import parse_norm  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def measure(path, attacks, num_examples, batch_size, seed):
+def measure(path, attacks, num_examples, batch_size, seed, data=None):
+    """The comparison for one export, on `data` (images, labels) or the first `num_examples` test images
+    of the dataset its metadata names."""
     logits_fn, metadata, _ = evaluate.load_model(path)
-    ds, _ = make_eval_dataset(metadata["dataset"], split="test", batch_size=batch_size,
-                              num_examples=num_examples, validation_size=0)
-    x, y = materialise(ds, num_examples)
+    if data is None:
+        ds, _ = make_eval_dataset(metadata["dataset"], split="test", batch_size=batch_size,
+                                  num_examples=num_examples, validation_size=0)
+        data = materialise(ds, num_examples)
+    x, y = data
     eps, attack_specs = float(metadata["eps"]), specs.resolve_attacks(attacks)
     norm = parse_norm(metadata.get("norm", "linf"))  # the model's threat model, as rvs-evaluate takes it
     specs.check_norm(attack_specs, norm)
-    out = {"model": path, "eps": eps, "norm": norm, "attacks": attacks, "examples": int(len(y))}
+    out = {"model": os.path.relpath(os.path.abspath(path), os.path.dirname(HERE)), "eps": eps, "norm": norm,
+           "attacks": attacks, "examples": int(len(y))}
     robust = {}
     for policy in ("float32", "mixed_bfloat16"):
         search, used, note = search_model(logits_fn, policy)

@@ -1,6 +1,7 @@
 """Robustness report: Clopper-Pearson against scipy, the ensemble against a gradient-masked model, a natural
 Fashion-MNIST model at eps 0.3, SavedModel loading and the rvs-evaluate CLI."""
 import gc
+import importlib.util
 import json
 import os
 import weakref
@@ -358,6 +359,17 @@ def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
     from_export = evaluate.robustness_report(path, (x, y), precision="mixed_bfloat16", **kwargs)
     assert from_export["precision"]["search"] == "mixed_bfloat16"
     assert abs(from_export["worst_case"]["accuracy"] - fast["worst_case"]["accuracy"]) <= 0.02
+    # benchmarks/bf16_attacks.py, which measures equal strength on the method table's exports, runs the
+    # same two searches: its float32 worst case is the report's, its per-example counts add up.
+    spec = importlib.util.spec_from_file_location("bf16_attacks", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bf16_attacks.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    both = bench.measure(path, FAST, len(y), 50, 0, data=(x, y.astype(np.int64)))
+    assert both["float32"]["worst_case"] == full["worst_case"]["accuracy"]
+    assert both["mixed_bfloat16"]["worst_case"] == from_export["worst_case"]["accuracy"]
+    assert both["difference_points"] == pytest.approx(
+        100 * (both["robust_in_bfloat16_only"] - both["robust_in_float32_only"]) / len(y))
     export(model, tmp_path / "old" / "1", {"eps": 0.05})  # an export without the search signature
     old = evaluate.robustness_report(str(tmp_path / "old"), (x, y), precision="mixed_bfloat16", **kwargs)
     assert old["precision"]["search"] == "float32" and "search_bfloat16" in old["precision"]["note"]
