@@ -27,6 +27,7 @@ from rvs_tf import sinkhorn  # noqa: E402
 from rvs_tf.builder import build_model  # noqa: E402
 from rvs_tf.data import DEFAULT_IDX_DIR, load_idx_arrays  # noqa: E402
 from rvs_tf.run_config import RunConfig  # noqa: E402
+from step_time import time_steps  # noqa: E402  (benchmarks/, the script's folder)
 
 QUICK_START = dict(method="rvs", eps=0.1, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0,
                    generator_optimizer="sgd", generator_lr=0.01, ot_weight=1.0, ot_epsilon=0.01,
@@ -85,16 +86,10 @@ def step_share(x, y, precision, rounds):
     """Median ms of the alternating step with the solve and with paired MSE in its place."""
     images, labels = x[:128], y[:128]
     models = {"sinkhorn": build(x, precision), "paired_mse": build(x, precision, feature_distance="paired_mse")}
-    for model in models.values():  # past tracing and the share cap's 8 measuring steps
-        for _ in range(10):
+    for model in models.values():  # past the share cap's 8 measuring steps
+        for _ in range(8):
             model.train_on_batch(images, labels)
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.train_on_batch(images, labels)
-            times[name].append(time.perf_counter() - start)
-    ms = {name: 1e3 * statistics.median(values) for name, values in times.items()}
+    ms = {name: 1e3 * seconds for name, seconds in time_steps(models, images, labels, rounds).items()}
     return ms["sinkhorn"], ms["paired_mse"]
 
 
