@@ -6,7 +6,8 @@ searched in float32 and in bfloat16 (verdicts always float32), in one process; p
 
 Appends one JSON line per model to benchmarks/results/bf16_attacks.jsonl (kept in git) and prints a
 Markdown row: worst case in each precision, the difference (goal: within 0.5 points), examples robust in
-one search only, and the time of each.
+one search only, the attacks whose cascade accuracy differs, and the time of each (`--table` prints the
+rows of the results file).
 """
 import argparse
 import json
@@ -60,6 +61,22 @@ def measure(path, attacks, num_examples, batch_size, seed, data=None):
     return out
 
 
+HEADER = ("| model | images | float32 search | bfloat16 search | difference | robust in one only (f32 / bf16) "
+          "| attacks that differ | time f32 / bf16 |\n|---|---|---|---|---|---|---|---|")
+
+
+def row(out):
+    """One Markdown row: worst cases in %, the difference in points, and the attacks whose cascade
+    accuracy differs between the two searches (the first of them is where they part)."""
+    differ = [f"{name} {100 * (out['mixed_bfloat16']['per_attack'][name] - acc):+.1f}"
+              for name, acc in out["float32"]["per_attack"].items()
+              if out["mixed_bfloat16"]["per_attack"][name] != acc]
+    return (f"| {out['model']} | {out['examples']} | {100 * out['float32']['worst_case']:.1f} | "
+            f"{100 * out['mixed_bfloat16']['worst_case']:.1f} | {out['difference_points']:+.1f} | "
+            f"{out['robust_in_float32_only']} / {out['robust_in_bfloat16_only']} | {', '.join(differ) or 'none'} | "
+            f"{out['float32']['seconds']:.0f} / {out['mixed_bfloat16']['seconds']:.0f} s ({out['speedup']:.2f}x) |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="", help="rows of compare_methods.py (their exports in benchmarks/runs)")
@@ -68,19 +85,22 @@ def main():
     parser.add_argument("--num_examples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", action="store_true", help="print the table of the results file and stop")
     args = parser.parse_args()
-    paths = [os.path.join(HERE, "runs", row, "export", row) for row in filter(None, args.rows.split(","))]
+    results = os.path.join(HERE, "results", "bf16_attacks.jsonl")
+    print(HEADER, flush=True)
+    if args.table:
+        with open(results, encoding="utf-8") as handle:
+            for line in handle:
+                print(row(json.loads(line)))
+        return
+    paths = [os.path.join(HERE, "runs", name, "export", name) for name in filter(None, args.rows.split(","))]
     paths += list(filter(None, args.models.split(",")))
-    print("| model | float32 search | bfloat16 search | difference | robust in one only (f32 / bf16) | "
-          "time f32 / bf16 |\n|---|---|---|---|---|---|", flush=True)
     for path in paths:
         out = measure(path, args.attacks, args.num_examples, args.batch_size, args.seed)
-        with open(os.path.join(HERE, "results", "bf16_attacks.jsonl"), "a", encoding="utf-8") as handle:
+        with open(results, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(out, sort_keys=True) + "\n")
-        print(f"| {path} | {100 * out['float32']['worst_case']:.1f} | {100 * out['mixed_bfloat16']['worst_case']:.1f} "
-              f"| {out['difference_points']:+.1f} | {out['robust_in_float32_only']} / "
-              f"{out['robust_in_bfloat16_only']} | {out['float32']['seconds']:.0f} / "
-              f"{out['mixed_bfloat16']['seconds']:.0f} s ({out['speedup']:.2f}x) |", flush=True)
+        print(row(out), flush=True)
 
 
 if __name__ == "__main__":
