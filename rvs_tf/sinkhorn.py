@@ -235,7 +235,7 @@ def _log(w):
 def _logsumexp(z, axis):
     """log sum exp along `axis`, shifted by the (stop-gradient) maximum: tf.reduce_logsumexp without its
     guard for all -inf rows, which Sinkhorn never has (its weights sum to one and its cost is finite).
-    Why: the loop is dispatch-bound at RVS's sizes, and the guard's ops were a third of each update."""
+    Why: at RVS's sizes (128 x 128) the loop is bound by op dispatch, not arithmetic, so every op counts."""
     top = tf.stop_gradient(tf.reduce_max(z, axis=axis, keepdims=True))
     return tf.squeeze(top, axis) + tf.math.log(tf.reduce_sum(tf.exp(z - top), axis=axis))
 
