@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/eval_speed.py --model=saved_models/<name>/<version>   # any exported model
     .venv/bin/python benchmarks/eval_speed.py --model=... --compare_art --num_examples=500   # against ART
     .venv/bin/python benchmarks/eval_speed.py --model=... --l2_eps=1.5     # L2 against L-inf, same images
+    .venv/bin/python benchmarks/eval_speed.py --model=... --compare_art --precisions=float32,mixed_bfloat16
 
 Without --model it trains two small CNNs (cached under runs/eval_speed/): one naturally, one with FGSM
 adversarial training from a random start (Wong et al. 2020, eps 0.1) so that many examples survive the
@@ -15,6 +16,7 @@ Square with --art_queries queries on theirs, 1 restart each, eps 0.1) with rvs_t
 (`pip install adversarial-robustness-toolbox`: a benchmark extra, not a dependency of rvs_tf) in one
 process on the same model and images, and prints both times, both worst cases and the throughput ratio.
 """
+import itertools
 import os
 import time
 
@@ -34,6 +36,8 @@ flags.DEFINE_bool("compare_art", False, "Time rvs_tf against IBM ART on APGD-CE,
 flags.DEFINE_integer("art_queries", 1000, "Square's queries in --compare_art.")
 flags.DEFINE_integer("art_batch_size", 250, "Batch size of both libraries in --compare_art.")
 flags.DEFINE_string("dataset", "fashion_mnist_idx", "Test images of --compare_art (an rvs_tf.data name).")
+flags.DEFINE_list("precisions", ["float32"], "What rvs_tf's attacks search in, each timed in turn on the same "
+                  "model and images (float32, mixed_bfloat16, auto; verdicts are float32 either way).")
 FLAGS = flags.FLAGS
 
 
@@ -106,18 +110,23 @@ def _compare_art():
     specs = [evaluate.attack_spec("APGD-CE", "apgd", steps=100, loss="ce"),
              evaluate.attack_spec("APGD-DLR", "apgd", steps=100, loss="dlr"),
              evaluate.attack_spec("Square", "square", queries=FLAGS.art_queries, p_init=0.8)]
-    t0 = time.perf_counter()
-    report = evaluate.robustness_report(logits_fn, (x, y), eps=FLAGS.eps, attacks=specs, sweep_examples=0,
-                                        batch_size=FLAGS.art_batch_size, progress=False)
-    ours = time.perf_counter() - t0
-    for row in report["attacks"]:
-        print(f"  rvs_tf {row['name']}: {row['accuracy']:.1%} left, {row['seconds']:.0f} s")
+    ours = {}
+    for precision in FLAGS.precisions:
+        t0 = time.perf_counter()
+        report = evaluate.robustness_report(logits_fn, (x, y), eps=FLAGS.eps, attacks=specs, sweep_examples=0,
+                                            batch_size=FLAGS.art_batch_size, progress=False, precision=precision)
+        searched = report["precision"]["search"]
+        searched = searched if searched == precision else f"{precision} -> {searched}"
+        ours[searched] = (time.perf_counter() - t0, report["worst_case"]["accuracy"])
+        for row in report["attacks"]:
+            print(f"  rvs_tf ({searched} search) {row['name']}: {row['accuracy']:.1%} left, {row['seconds']:.0f} s")
     robust, theirs = _art_cascade(logits_fn, x, y, FLAGS.eps)
     print(f"\n== {description}, first {len(y)} test images, eps {FLAGS.eps}: APGD-CE 100 -> APGD-DLR 100 -> "
           f"Square {FLAGS.art_queries} (cascade, 1 restart each)")
-    print(f"rvs_tf: {ours:.0f} s, worst case {report['worst_case']['accuracy']:.1%}")
-    print(f"ART:    {theirs:.0f} s, worst case {robust.mean():.1%}")
-    print(f"throughput ratio rvs_tf / ART: {theirs / ours:.1f}x")
+    print(f"ART: {theirs:.0f} s, worst case {robust.mean():.1%}")
+    for searched, (seconds, worst) in ours.items():
+        print(f"rvs_tf, {searched} search: {seconds:.0f} s, worst case {worst:.1%}, throughput ratio rvs_tf / ART "
+              f"{theirs / seconds:.1f}x, worst case {100 * (worst - robust.mean()):+.1f} points against ART's")
 
 
 def main(argv):
@@ -132,7 +141,7 @@ def main(argv):
     models = {"given": FLAGS.model} if FLAGS.model else {
         kind: _train(kind, os.path.join(FLAGS.work_dir, f"{kind}.keras")) for kind in FLAGS.kinds}
     norms = [("linf", FLAGS.eps)] + ([("l2", FLAGS.l2_eps)] if FLAGS.l2_eps else [])
-    for kind, model in models.items():
+    for (kind, model), precision in itertools.product(models.items(), FLAGS.precisions):
         seconds = {}
         for norm, eps in norms:
             ds, _ = make_eval_dataset("fashion_mnist_idx", num_examples=FLAGS.num_examples, batch_size=250)
@@ -140,10 +149,12 @@ def main(argv):
             report = evaluate.robustness_report(
                 model, ds, eps=eps, norm=norm, attacks=FLAGS.attacks, num_examples=FLAGS.num_examples,
                 sweep_examples=FLAGS.sweep_examples,
-                output_dir=os.path.join(FLAGS.work_dir, f"report_{kind}" + ("_l2" if norm == "l2" else "")),
-                dataset_name="fashion_mnist_idx", progress=False)
+                output_dir=os.path.join(FLAGS.work_dir, f"report_{kind}" + ("_l2" if norm == "l2" else "")
+                                        + ("" if precision == "float32" else f"_{precision}")),
+                dataset_name="fashion_mnist_idx", progress=False, precision=precision)
             seconds[norm] = time.perf_counter() - t0
             print(f"\n== {kind}: {FLAGS.attacks} ensemble, {norm} eps {eps:g}, {report['num_examples']} images, "
+                  f"{report['precision']['search']} search, "
                   f"{seconds[norm]:.0f} s ({'within' if seconds[norm] <= 600 else 'OVER'} the 10-minute budget)")
             print("\n".join(evaluate.format_summary(report)))
             for row in report["attacks"]:

@@ -18,9 +18,10 @@ import io
 import json
 import os
 import tempfile
-import time
 
 from absl import app, flags, logging
+
+from timing import median_seconds  # benchmarks/, the script's folder
 
 flags.DEFINE_string("model", None, "An exported version to time instead of a fresh export.")
 flags.DEFINE_string("arch", "small_cnn", "Classifier of the fresh export.")
@@ -30,18 +31,6 @@ flags.DEFINE_integer("repeats", 20, "Timed calls per measurement.")
 flags.DEFINE_list("serving_precisions", ["float32"], "What the fresh export computes in (export."
                   "SERVING_PRECISIONS); several: one export each, timed side by side.")
 FLAGS = flags.FLAGS
-
-
-def _median_seconds(fn, repeats):
-    import numpy as np
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _size_mb(path):
@@ -93,7 +82,7 @@ def main(argv):
                       "serving_bytes (PNG strings)":
                           lambda: signatures[export.BYTES_SIGNATURE](image_bytes=tf.constant(pngs))["logits"].numpy(),
                       "REST JSON, b64 PNG (predict_json)": lambda: serving.predict_json(signatures, body)}[name]
-                seconds = _median_seconds(fn, FLAGS.repeats)
+                seconds = median_seconds(fn, FLAGS.repeats)
                 print(f"| {precision} | {name} | {batch} | {1000 * seconds:.2f} | {1000 * seconds / batch:.3f} |")
 
 

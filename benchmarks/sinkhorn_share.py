@@ -13,8 +13,6 @@ share of the step. Prints Markdown.
 """
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -28,6 +26,7 @@ from rvs_tf.builder import build_model  # noqa: E402
 from rvs_tf.data import DEFAULT_IDX_DIR, load_idx_arrays  # noqa: E402
 from rvs_tf.run_config import RunConfig  # noqa: E402
 from step_time import time_steps  # noqa: E402  (benchmarks/, the script's folder)
+from timing import median_seconds  # noqa: E402
 
 QUICK_START = dict(method="rvs", eps=0.1, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0,
                    generator_optimizer="sgd", generator_lr=0.01, ot_weight=1.0, ot_epsilon=0.01,
@@ -39,16 +38,6 @@ def build(x, precision, **changes):
     keras.mixed_precision.set_global_policy(precision)
     config = RunConfig(**{**QUICK_START, "precision": precision, **changes})
     return build_model(config, x.shape[1:], 10, steps_per_epoch=1000)
-
-
-def median_ms(fn, rounds):
-    fn()
-    values = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        values.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(values)
 
 
 def problems(x, y, precision, steps, rounds):
@@ -77,7 +66,8 @@ def problems(x, y, precision, steps, rounds):
             uniform = np.full(batch, 1.0 / batch)
             reference = ot.sinkhorn2(uniform, uniform, cost, 0.01, method="sinkhorn_log", numItermax=100000,
                                      stopThr=1e-10)
-            ms = median_ms(lambda: tf.nest.map_structure(np.asarray, value_and_gradient(clean, adversarial)), rounds)
+            ms = 1e3 * median_seconds(
+                lambda: tf.nest.map_structure(np.asarray, value_and_gradient(clean, adversarial)), rounds)
             print(f"| {step} | {cost.mean():.3f} | {int(result.iterations)} | {float(result.error):.1e} | {ms:.2f} "
                   f"| {abs(float(result.cost) - reference) / reference:.1e} |", flush=True)
 

@@ -25,6 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 from rvs_tf.builder import build_model  # noqa: E402
 from rvs_tf.run_config import RunConfig  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/, the script's folder)
 
 GOALS = {  # (model, method): the largest ratio to natural allowed, and to PGD-10
     ("small_cnn", "rvs_simultaneous"): (3.0, 0.30),
@@ -88,13 +89,7 @@ def piece_times(rvs, x, rounds):
         return tape.gradient(total, rvs.generator.trainable_variables)
 
     def median_time(fn, *args):
-        fn(*args)
-        values = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
-            values.append(time.perf_counter() - start)
-        return statistics.median(values)
+        return median_seconds(lambda: tf.nest.map_structure(lambda t: t.numpy(), fn(*args)), rounds)
 
     return 2 * median_time(ot_twice, clean, adversarial), median_time(generator_pass, z)
 
@@ -116,13 +111,7 @@ def run(arch, shape, batch, rounds, jit):
 def generator_step_time(model, x, y, rounds):
     """Median seconds of one rvs_init generator step (gradients and update), which runs every k steps."""
     step = tf.function(lambda: model.generator_step(x, y, model.gradient_sign(x, y), tf.constant(model.eps)))
-    step()
-    values = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step().numpy()
-        values.append(time.perf_counter() - start)
-    return statistics.median(values)
+    return median_seconds(lambda: step().numpy(), rounds)
 
 
 def report(arch, shape, batch, seconds, ot, generator):
