@@ -61,8 +61,16 @@ def measure(path, attacks, num_examples, batch_size, seed, data=None):
     return out
 
 
-HEADER = ("| model | images | float32 search | bfloat16 search | difference | robust in one only (f32 / bf16) "
-          "| attacks that differ | time f32 / bf16 |\n|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | threat model | images | float32 search | bfloat16 search | difference | robust in one only "
+          "(f32 / bf16) | attacks that differ | time f32 / bf16 |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def label(path):
+    """The method table's row name for its export (benchmarks/runs/<row>/export/<row>), else the path."""
+    parts = path.split("/")
+    if len(parts) == 5 and parts[:2] == ["benchmarks", "runs"] and parts[2] == parts[4] and parts[3] == "export":
+        return parts[2]
+    return path
 
 
 def row(out):
@@ -71,7 +79,8 @@ def row(out):
     differ = [f"{name} {100 * (out['mixed_bfloat16']['per_attack'][name] - acc):+.1f}"
               for name, acc in out["float32"]["per_attack"].items()
               if out["mixed_bfloat16"]["per_attack"][name] != acc]
-    return (f"| {out['model']} | {out['examples']} | {100 * out['float32']['worst_case']:.1f} | "
+    threat = f"{'L2' if out['norm'] == 'l2' else 'L-inf'} {out['eps']:g}"
+    return (f"| {label(out['model'])} | {threat} | {out['examples']} | {100 * out['float32']['worst_case']:.1f} | "
             f"{100 * out['mixed_bfloat16']['worst_case']:.1f} | {out['difference_points']:+.1f} | "
             f"{out['robust_in_float32_only']} / {out['robust_in_bfloat16_only']} | {', '.join(differ) or 'none'} | "
             f"{out['float32']['seconds']:.0f} / {out['mixed_bfloat16']['seconds']:.0f} s ({out['speedup']:.2f}x) |")
@@ -91,8 +100,13 @@ def main():
     print(HEADER, flush=True)
     if args.table:
         with open(results, encoding="utf-8") as handle:
-            for line in handle:
-                print(row(json.loads(line)))
+            outs = [json.loads(line) for line in handle]
+        print("\n".join(map(row, outs)))
+        print(f"\n{len(outs)} models, {sum(out['examples'] for out in outs)} examples: "
+              f"{sum(out['robust_in_float32_only'] for out in outs)} robust to the float32 search only, "
+              f"{sum(out['robust_in_bfloat16_only'] for out in outs)} to the bfloat16 search only; differences "
+              f"from {min(out['difference_points'] for out in outs):+.1f} to "
+              f"{max(out['difference_points'] for out in outs):+.1f} points")
         return
     paths = [os.path.join(HERE, "runs", name, "export", name) for name in filter(None, args.rows.split(","))]
     paths += list(filter(None, args.models.split(",")))

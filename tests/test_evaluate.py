@@ -370,6 +370,8 @@ def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
     assert both["mixed_bfloat16"]["worst_case"] == from_export["worst_case"]["accuracy"]
     assert both["difference_points"] == pytest.approx(
         100 * (both["robust_in_bfloat16_only"] - both["robust_in_float32_only"]) / len(y))
+    assert bench.row(both).startswith(f"| {both['model']} | L-inf 0.05 | {len(y)} |")  # its --table
+    assert bench.label("benchmarks/runs/pgd_l2/export/pgd_l2") == "pgd_l2"
     export(model, tmp_path / "old" / "1", {"eps": 0.05})  # an export without the search signature
     old = evaluate.robustness_report(str(tmp_path / "old"), (x, y), precision="mixed_bfloat16", **kwargs)
     assert old["precision"]["search"] == "float32" and "search_bfloat16" in old["precision"]["note"]
