@@ -64,9 +64,10 @@ flags.DEFINE_enum("strategy", "default", STRATEGIES,
                   "tf.distribute strategy: one device, all local GPUs (MirroredStrategy), or the workers of "
                   "TF_CONFIG (MultiWorkerMirroredStrategy); the per-example results are the same.")
 flags.DEFINE_enum("precision", "float32", ("auto", "float32", "mixed_bfloat16"),
-                  "What the attacks search in: float32, mixed_bfloat16 (several times faster on CPUs with "
-                  "AMX; every break re-checked in float32, see README) or auto (bfloat16 where the hardware "
-                  "runs it fast). The reported accuracies are float32 verdicts either way.")
+                  "What the attacks search in: float32 (the default: the stronger search, the same on every "
+                  "machine), mixed_bfloat16 (several times faster on CPUs with AMX; every break re-checked in "
+                  "float32, see README) or auto (bfloat16 where the hardware runs it fast). The reported "
+                  "accuracies are float32 verdicts either way.")
 flags.DEFINE_bool("progress", True, "Show a progress bar per attack (on a terminal only: Keras's bars are "
                   "escape codes, which fill logs).")
 flags.mark_flags_as_required(["model"])
