@@ -163,7 +163,7 @@ def main(argv):
                 print(f"  eps sweep ({report['eps_sweep']['num_examples']} images): "
                       f"{report['eps_sweep']['seconds']:.1f} s")
         if len(seconds) == 2:
-            print(f"\n== {kind}: L2 / L-inf time, same process, model and images: "
+            print(f"\n== {kind}, {precision} search: L2 / L-inf time, same process, model and images: "
                   f"{seconds['l2'] / seconds['linf']:.2f}x ({seconds['l2']:.0f} s / {seconds['linf']:.0f} s)")
 
 if __name__ == "__main__":
