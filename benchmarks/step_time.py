@@ -4,6 +4,7 @@
                                                  # also writes step_time_<cpu|gpu>.json (ratios to natural)
   python benchmarks/step_time.py --quick         # fewer rounds (a smoke run)
   python benchmarks/step_time.py --jit           # also each method with jit_compile=True
+  python benchmarks/step_time.py --mixed_precision=mixed_bfloat16 --against_float32   # bfloat16's speed-up
 
 Each model is the one rvs-train builds for that method (rvs_tf.builder, RunConfig's defaults but lr 0.01).
 Steps of all methods are timed round-robin (one step of each per round, medians over rounds), so machine
@@ -94,13 +95,21 @@ def piece_times(rvs, x, rounds):
     return 2 * median_time(ot_twice, clean, adversarial), median_time(generator_pass, z)
 
 
-def run(arch, shape, batch, rounds, jit):
+TWIN = " (float32)"  # suffix of the float32 twins of --against_float32
+
+
+def run(arch, shape, batch, rounds, jit, against_float32=False):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(batch, *shape)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, batch))
     built = {m: build(m, arch, shape, jit=False, batch=batch) for m in CONFIGS}
     if jit:
         built.update({f"{m}+xla": build(m, arch, shape, jit=True, batch=batch) for m in CONFIGS})
+    if against_float32:  # the same models in float32, timed in the same rounds (a layer keeps its policy)
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy("float32")
+        built.update({f"{m}{TWIN}": build(m, arch, shape, jit=False, batch=batch) for m in CONFIGS})
+        keras.config.set_dtype_policy(policy)
     seconds = time_steps(built, x, y, rounds)
     for name in [n for n in built if n.startswith("rvs_init")]:  # + its generator step, amortised over k
         seconds[name] += generator_step_time(built[name], x, y, rounds) / built[name].generator_every
@@ -153,8 +162,12 @@ def main():
                         "128 for the small CNN, 32 for PreAct-ResNet-18)")
     parser.add_argument("--mixed_precision", default="float32", choices=["float32", "mixed_float16",
                                                                           "mixed_bfloat16"])
+    parser.add_argument("--against_float32", action="store_true", help="with --mixed_precision, also time each "
+                        "method in float32 in the same rounds and print the speed-up")
     parser.add_argument("--no_json", action="store_true", help="do not write step_time_<device>.json")
     args = parser.parse_args()
+    if args.against_float32 and args.mixed_precision == "float32":
+        parser.error("--against_float32: expected --mixed_precision=mixed_bfloat16 or mixed_float16")
     rounds = args.rounds or (3 if args.quick else 10)
     keras.config.set_dtype_policy(args.mixed_precision)
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices "
@@ -165,10 +178,17 @@ def main():
     for arch in args.archs.split(","):
         shape, batch, arch_rounds = setups[arch]
         batch = args.batch or batch
-        seconds, ot, generator = run(arch, shape, batch, arch_rounds, args.jit)
+        seconds, ot, generator = run(arch, shape, batch, arch_rounds, args.jit, args.against_float32)
+        twins = {name[:-len(TWIN)]: seconds.pop(name) for name in list(seconds) if name.endswith(TWIN)}
         print(report(arch, shape, batch, seconds, ot, generator), flush=True)
+        if twins:
+            print(f"\n| method | ms/step, {args.mixed_precision} | ms/step, float32 | speed-up |\n|---|---|---|---|")
+            for name, value in twins.items():
+                print(f"| {name} | {1000 * seconds[name]:.1f} | {1000 * value:.1f} | {value / seconds[name]:.2f}x |",
+                      flush=True)
         ratios[arch] = {name: value / seconds["natural"] for name, value in seconds.items()}
-    if not (args.quick or args.no_json):  # what compare_methods.py plots as each method's training cost
+    # what compare_methods.py plots as each method's training cost (float32 runs only)
+    if not (args.quick or args.no_json or args.mixed_precision != "float32"):
         device = "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"step_time_{device}.json"), "w",
                   encoding="utf-8") as handle:
