@@ -7,7 +7,7 @@ searched in float32 and in bfloat16 (verdicts always float32), in one process; p
 Appends one JSON line per model to benchmarks/results/bf16_attacks.jsonl (kept in git) and prints a
 Markdown row: worst case in each precision, the difference (goal: within 0.5 points), examples robust in
 one search only, the attacks whose cascade accuracy differs, and the time of each (`--table` prints the
-rows of the results file).
+rows of the results file, one per model: its run on the most images).
 """
 import argparse
 import json
@@ -73,6 +73,17 @@ def label(path):
     return path
 
 
+def latest_per_model(outs):
+    """One result per model and attack preset: the one on the most images (the later of equal ones), so a
+    rerun on more images (whose first images are the earlier run's) replaces the earlier row, in its place."""
+    chosen = {}
+    for out in outs:
+        key = (out["model"], str(out["attacks"]))
+        if key not in chosen or out["examples"] >= chosen[key]["examples"]:
+            chosen[key] = out
+    return list(chosen.values())
+
+
 def row(out):
     """One Markdown row: worst cases in %, the difference in points, and the attacks whose cascade
     accuracy differs between the two searches (the first of them is where they part)."""
@@ -100,7 +111,7 @@ def main():
     print(HEADER, flush=True)
     if args.table:
         with open(results, encoding="utf-8") as handle:
-            outs = [json.loads(line) for line in handle]
+            outs = latest_per_model([json.loads(line) for line in handle])
         print("\n".join(map(row, outs)))
         print(f"\n{len(outs)} models, {sum(out['examples'] for out in outs)} examples: "
               f"{sum(out['robust_in_float32_only'] for out in outs)} robust to the float32 search only, "

@@ -344,6 +344,12 @@ def test_bfloat16_search_counts_only_float32_verdicts(natural):
     assert np.all(wrong[wrong_ref & lied])  # nothing the float32 attack breaks is lost
     assert np.sum(lied & ~wrong) > 0  # the search's false breaks do not count
     assert np.max(np.abs(x_adv - x)) <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    # An attack whose spec keeps float32 ignores the search model: the float32 attack's own result.
+    kept = attack_spec("PGD-20 (float32)", "pgd", steps=20, random_start=False, float32_search=True)
+    x_kept, wrong_kept = searched.attack(kept, x, y, 0.05, "", tag="t")
+    np.testing.assert_array_equal(x_kept, x_ref)
+    np.testing.assert_array_equal(wrong_kept, wrong_ref)
+    assert searched.rechecked.get("PGD-20 (float32)", 0) == 0
 
 
 def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
@@ -351,8 +357,13 @@ def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
     x, y = x[:100], y[:100]
     kwargs = dict(eps=0.05, attacks=FAST, batch_size=50, sweep_examples=0, progress=False)
     full = evaluate.robustness_report(model, (x, y), **kwargs)
-    fast = evaluate.robustness_report(model, (x, y), precision="mixed_bfloat16", **kwargs)
+    fgsm_kept = [attack_spec("FGSM", "fgsm", float32_search=True), *FAST[1:]]  # FGSM searches in float32
+    fast = evaluate.robustness_report(model, (x, y), precision="mixed_bfloat16", **{**kwargs, "attacks": fgsm_kept})
     assert full["precision"]["search"] == "float32" and fast["precision"]["search"] == "mixed_bfloat16"
+    assert fast["precision"]["float32_search_attacks"] == ["FGSM"] and not full["precision"]["float32_search_attacks"]
+    assert fast["attacks"][0]["accuracy"] == full["attacks"][0]["accuracy"]  # FGSM is deterministic
+    assert "attacks searched in mixed_bfloat16 (except FGSM: float32)" in "\n".join(
+        evaluate.format_summary(fast))
     assert fast["clean"] == full["clean"]  # verdicts are float32
     assert abs(fast["worst_case"]["accuracy"] - full["worst_case"]["accuracy"]) <= 0.03
     path = export_lib.export_classifier(model, str(tmp_path), "m", metadata={"eps": 0.05})
@@ -372,6 +383,9 @@ def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
         100 * (both["robust_in_bfloat16_only"] - both["robust_in_float32_only"]) / len(y))
     assert bench.row(both).startswith(f"| {both['model']} | L-inf 0.05 | {len(y)} |")  # its --table
     assert bench.label("benchmarks/runs/pgd_l2/export/pgd_l2") == "pgd_l2"
+    rerun = {**both, "examples": 2 * len(y)}  # a rerun on more images replaces the row, in its place
+    other = {**both, "model": "other"}
+    assert bench.latest_per_model([both, other, rerun, both]) == [rerun, other]
     export(model, tmp_path / "old" / "1", {"eps": 0.05})  # an export without the search signature
     old = evaluate.robustness_report(str(tmp_path / "old"), (x, y), precision="mixed_bfloat16", **kwargs)
     assert old["precision"]["search"] == "float32" and "search_bfloat16" in old["precision"]["note"]

@@ -38,7 +38,10 @@ def format_summary(report):
     found = report.get("precision") or {}
     if found:
         rechecked = sum(found.get("search_breaks_rechecked_in_float32", {}).values())
-        lines.append(f"attacks searched in {found['search']}, verdicts in {found['verdicts']}"
+        kept = found.get("float32_search_attacks")
+        lines.append(f"attacks searched in {found['search']}"
+                     + (f" (except {', '.join(kept)}: float32)" if kept else "")
+                     + f", verdicts in {found['verdicts']}"
                      + (f" ({rechecked} search breaks re-attacked in float32)" if found["search"] != "float32" else "")
                      + (f"; {found['note']}" if found.get("note") else ""))
     lines.append(f"{report['timing']['images_per_second']:.2f} images/s, {report['timing']['seconds']:.1f} s")

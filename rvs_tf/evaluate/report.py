@@ -109,6 +109,8 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
         "eps": eps, "norm": {"linf": "Linf", "l2": "L2"}[norm],
         "precision": {"search": search_policy, "verdicts": metadata.get("serving_precision", "float32"),
                       "note": search_note,
+                      "float32_search_attacks": [s.name for s in specs if s.float32_search
+                                                 and search_policy != "float32"],
                       "search_breaks_rechecked_in_float32": dict(runner.rechecked)},
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
         "clean": rate(int(found.correct.sum()), n),

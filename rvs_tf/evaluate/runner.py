@@ -177,8 +177,10 @@ class Runner:
         return attacks_lib.model_logits(self.model, tf.constant(x)).numpy()
 
     def _attack_fn(self, spec, search=True):
-        """The compiled attack: with the search model when there is one and `search`, else float32."""
-        bound = self._search if search and self._search is not None else self._verdict
+        """The compiled attack: with the search model when there is one, `search` and the spec allows it,
+        else float32."""
+        search = search and self._search is not None and not spec.float32_search
+        bound = self._search if search else self._verdict
         key = (spec, bound is self._verdict)
         if key not in self._compiled:
             self._compiled[key] = self._compile((spec, self.norm), functools.partial(spec.run, norm=self.norm), [
@@ -192,7 +194,7 @@ class Runner:
         re-attack draws its random starts for those examples alone: for a randomised attack it is an
         independent draw of the same float32 attack (re-running the whole batch would cost the search's
         saving), for a deterministic one the float32 attack's own result."""
-        if self._search is None or not len(y):
+        if self._search is None or spec.float32_search or not len(y):
             return x_adv
         unconfirmed = self._search_wrong(x_adv, y).numpy() & (self.predict(x_adv).numpy() == y)
         redo = np.flatnonzero(unconfirmed)

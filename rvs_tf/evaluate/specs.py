@@ -73,11 +73,13 @@ KINDS = {kind.name: kind for kind in (
 
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
-    """One configured attack: its kind and keyword arguments (eps and seed come from the runner)."""
+    """One configured attack: its kind and keyword arguments (eps and seed come from the runner).
+    float32_search: search in float32 even when the evaluation searches in bfloat16 (see PRESETS)."""
     name: str
     kind: AttackKind
     params: tuple = ()
     white_box: bool = True
+    float32_search: bool = False
 
     def __post_init__(self):
         if isinstance(self.kind, str):  # AttackSpec("PGD-20", "pgd", ...), as before kinds existed
@@ -110,10 +112,10 @@ class AttackSpec:
         return self.kind.fn(model, x, y, eps=eps, **dict(self.params), **seeded, **normed)
 
 
-def attack_spec(name, fn, *, white_box=None, **params):
+def attack_spec(name, fn, *, white_box=None, float32_search=False, **params):
     """AttackSpec for `rvs_tf.attacks.<fn>` with keyword arguments `params` (eps and seed come later);
-    `white_box` defaults to the attack's own (False for Square)."""
-    spec = AttackSpec(name, fn, tuple(sorted(params.items())))
+    `white_box` defaults to the attack's own (False for Square); `float32_search`: see AttackSpec."""
+    spec = AttackSpec(name, fn, tuple(sorted(params.items())), float32_search=float32_search)
     return dataclasses.replace(spec, white_box=spec.kind.white_box if white_box is None else white_box)
 
 
