@@ -41,7 +41,7 @@ def measure(path, attacks, num_examples, batch_size, seed, data=None):
     norm = parse_norm(metadata.get("norm", "linf"))  # the model's threat model, as rvs-evaluate takes it
     specs.check_norm(attack_specs, norm)
     out = {"model": os.path.relpath(os.path.abspath(path), os.path.dirname(HERE)), "eps": eps, "norm": norm,
-           "attacks": attacks, "examples": int(len(y))}
+           "attacks": attacks, "examples": int(len(y)), "seed": seed}
     robust = {}
     for policy in ("float32", "mixed_bfloat16"):
         search, used, note = search_model(logits_fn, policy)
@@ -74,11 +74,11 @@ def label(path):
 
 
 def latest_per_model(outs):
-    """One result per model and attack preset: the one on the most images (the later of equal ones), so a
-    rerun on more images (whose first images are the earlier run's) replaces the earlier row, in its place."""
+    """One result per model, attack preset and seed: the one on the most images (the later of equal ones), so
+    a rerun on more images (whose first images are the earlier run's) replaces the earlier row, in its place."""
     chosen = {}
     for out in outs:
-        key = (out["model"], str(out["attacks"]))
+        key = (out["model"], str(out["attacks"]), out.get("seed", 0))
         if key not in chosen or out["examples"] >= chosen[key]["examples"]:
             chosen[key] = out
     return list(chosen.values())
@@ -97,6 +97,28 @@ def row(out):
             f"{out['float32']['seconds']:.0f} / {out['mixed_bfloat16']['seconds']:.0f} s ({out['speedup']:.2f}x) |")
 
 
+def seed_lines(outs):
+    """For each model measured with several attack seeds: each search's worst case per seed, so the gap
+    between the searches can be read against the float32 search's own spread over seeds."""
+    by_model = {}
+    for out in outs:
+        by_model.setdefault((out["model"], str(out["attacks"]), out["examples"]), []).append(out)
+    lines = []
+    for (model, _, examples), runs in by_model.items():
+        if len(runs) < 2:
+            continue
+        runs.sort(key=lambda out: out.get("seed", 0))
+        seeds = ", ".join(str(out.get("seed", 0)) for out in runs)
+
+        def cases(policy, runs=runs):
+            values = [100 * out[policy]["worst_case"] for out in runs]
+            return f"{' / '.join(f'{v:.1f}' for v in values)}% (spread {max(values) - min(values):.1f})"
+
+        lines.append(f"{label(model)}, {examples} images, seeds {seeds}: float32 search {cases('float32')}, "
+                     f"bfloat16 search {cases('mixed_bfloat16')}")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="", help="rows of compare_methods.py (their exports in benchmarks/runs)")
@@ -111,13 +133,15 @@ def main():
     print(HEADER, flush=True)
     if args.table:
         with open(results, encoding="utf-8") as handle:
-            outs = latest_per_model([json.loads(line) for line in handle])
+            every_seed = latest_per_model([json.loads(line) for line in handle])
+        outs = [out for out in every_seed if out.get("seed", 0) == 0]  # the table: seed 0, as rvs-evaluate
         print("\n".join(map(row, outs)))
         print(f"\n{len(outs)} models, {sum(out['examples'] for out in outs)} examples: "
               f"{sum(out['robust_in_float32_only'] for out in outs)} robust to the float32 search only, "
               f"{sum(out['robust_in_bfloat16_only'] for out in outs)} to the bfloat16 search only; differences "
               f"from {min(out['difference_points'] for out in outs):+.1f} to "
               f"{max(out['difference_points'] for out in outs):+.1f} points")
+        print("\n".join(seed_lines(every_seed)))
         return
     paths = [os.path.join(HERE, "runs", name, "export", name) for name in filter(None, args.rows.split(","))]
     paths += list(filter(None, args.models.split(",")))

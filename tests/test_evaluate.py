@@ -386,6 +386,10 @@ def test_bfloat16_search_of_keras_models_and_exports(natural, tmp_path):
     rerun = {**both, "examples": 2 * len(y)}  # a rerun on more images replaces the row, in its place
     other = {**both, "model": "other"}
     assert bench.latest_per_model([both, other, rerun, both]) == [rerun, other]
+    reseeded = {**both, "seed": 1, "float32": {**both["float32"], "worst_case": both["float32"]["worst_case"] + 0.01}}
+    [line] = bench.seed_lines(bench.latest_per_model([both, other, reseeded]))  # the seed spread, per model
+    assert line.startswith(f"{both['model']}, {len(y)} images, seeds 0, 1: float32 search ")
+    assert "(spread 1.0), bfloat16 search" in line and line.endswith("(spread 0.0)")
     export(model, tmp_path / "old" / "1", {"eps": 0.05})  # an export without the search signature
     old = evaluate.robustness_report(str(tmp_path / "old"), (x, y), precision="mixed_bfloat16", **kwargs)
     assert old["precision"]["search"] == "float32" and "search_bfloat16" in old["precision"]["note"]

@@ -74,7 +74,8 @@ KINDS = {kind.name: kind for kind in (
 @dataclasses.dataclass(frozen=True)
 class AttackSpec:
     """One configured attack: its kind and keyword arguments (eps and seed come from the runner).
-    float32_search: search in float32 even when the evaluation searches in bfloat16 (see PRESETS)."""
+    float32_search: search in float32 even when the evaluation searches in bfloat16 (no preset needs it:
+    README, "bfloat16", measured keeping attacks float32 on the row where the searches differed most)."""
     name: str
     kind: AttackKind
     params: tuple = ()
