@@ -107,11 +107,7 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     report = {
         "model": model_name, "dataset": dataset_name or metadata.get("dataset"), "num_examples": n,
         "eps": eps, "norm": {"linf": "Linf", "l2": "L2"}[norm],
-        "precision": {"search": search_policy, "verdicts": metadata.get("serving_precision", "float32"),
-                      "note": search_note,
-                      "float32_search_attacks": [s.name for s in specs if s.float32_search
-                                                 and search_policy != "float32"],
-                      "search_breaks_rechecked_in_float32": dict(runner.rechecked)},
+        "precision": _precision(search_policy, search_note, metadata, specs, runner),
         "attacks_preset": preset, "cascade": cascade, "seed": seed, "class_names": class_names,
         "clean": rate(int(found.correct.sum()), n),
         "attacks": found.rows,
@@ -124,6 +120,14 @@ def robustness_report(model, dataset, *, eps, attacks="standard", num_examples=N
     if output_dir is not None and runner.shards.chief:
         render.write_outputs(report, output_dir, x, y, found, runner)
     return report
+
+
+def _precision(search_policy, note, metadata, specs, runner):
+    """What the attacks searched in (and which kept float32), what the verdicts computed in, and how many
+    of the search's breaks float32 attacked again."""
+    return {"search": search_policy, "verdicts": metadata.get("serving_precision", "float32"), "note": note,
+            "float32_search_attacks": [s.name for s in specs if s.float32_search and search_policy != "float32"],
+            "search_breaks_rechecked_in_float32": dict(runner.rechecked)}
 
 
 def _worst_case(found, specs, n):

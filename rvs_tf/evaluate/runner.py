@@ -176,11 +176,13 @@ class Runner:
     def logits(self, x):
         return attacks_lib.model_logits(self.model, tf.constant(x)).numpy()
 
+    def _searches(self, spec):
+        """Whether `spec` searches with the search model: there is one and the spec does not keep float32."""
+        return self._search is not None and not spec.float32_search
+
     def _attack_fn(self, spec, search=True):
-        """The compiled attack: with the search model when there is one, `search` and the spec allows it,
-        else float32."""
-        search = search and self._search is not None and not spec.float32_search
-        bound = self._search if search else self._verdict
+        """The compiled attack: with the search model when `search` and `_searches(spec)`, else float32."""
+        bound = self._search if search and self._searches(spec) else self._verdict
         key = (spec, bound is self._verdict)
         if key not in self._compiled:
             self._compiled[key] = self._compile((spec, self.norm), functools.partial(spec.run, norm=self.norm), [
@@ -194,7 +196,7 @@ class Runner:
         re-attack draws its random starts for those examples alone: for a randomised attack it is an
         independent draw of the same float32 attack (re-running the whole batch would cost the search's
         saving), for a deterministic one the float32 attack's own result."""
-        if self._search is None or spec.float32_search or not len(y):
+        if not self._searches(spec) or not len(y):
             return x_adv
         unconfirmed = self._search_wrong(x_adv, y).numpy() & (self.predict(x_adv).numpy() == y)
         redo = np.flatnonzero(unconfirmed)
